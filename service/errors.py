@@ -1,0 +1,45 @@
+"""Domain errors. Service code raises these; `service.api.errors` maps them to HTTP
+and the CLI to one-line messages, so neither side needs the other's types."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base of every error the service reports to a caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Invalid(DomainError):
+    """Input that cannot be accepted: names the field (dotted path) and the reason. HTTP 422."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class NotFound(DomainError):
+    """No such resource, or not one the caller may see. HTTP 404."""
+
+
+class Conflict(DomainError):
+    """The request clashes with stored state (duplicate name, wrong state). HTTP 409."""
+
+
+class LeaseLost(Conflict):
+    """A write from a lease that expired or belongs to someone else. HTTP 409."""
+
+
+class Unauthorized(DomainError):
+    """Missing or unknown token. HTTP 401."""
+
+
+class Forbidden(DomainError):
+    """A known token whose role may not do this. HTTP 403."""
+
+
+class Unavailable(DomainError):
+    """The database cannot be reached or stayed locked after retries. HTTP 503."""
