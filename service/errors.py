@@ -5,19 +5,24 @@ from __future__ import annotations
 
 
 class DomainError(Exception):
-    """Base of every error the service reports to a caller."""
+    """Base of every error the service reports to a caller.
 
-    def __init__(self, message: str) -> None:
+    `field` (optional) names the input the error is about, e.g. `study_id` for a
+    study that is not found; `Invalid` always has one.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.field = field
 
 
 class Invalid(DomainError):
     """Input that cannot be accepted: names the field (dotted path) and the reason. HTTP 422."""
 
     def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
+        super().__init__(f"{field}: {reason}", field=field)
+        self.field: str = field
         self.reason = reason
 
 
