@@ -1,0 +1,1 @@
+"""HTTP API: `create_app(settings)` in `app.py`; routes per resource in `routes/`."""

@@ -1,0 +1,83 @@
+"""`create_app(settings)`: the FastAPI application, built from settings and nothing global.
+
+To add a resource, write `routes/<name>.py` with a `router` and append it to
+`API_ROUTERS` (mounted under /api/v1). To run something for the app's lifetime
+(the lease reaper, a cache warmer), append a hook to `LIFESPAN_HOOKS`: a function
+taking the `ServiceContext` and returning an async context manager; it is entered
+at start-up and exited at shutdown, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from starlette.types import Scope
+
+from service.api.errors import BodySizeLimit, install_error_handlers
+from service.api.routes import health
+from service.context import ServiceContext
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+
+LifespanHook = Callable[[ServiceContext], AbstractAsyncContextManager[None]]
+BodyLimit = Callable[[Settings, Scope], int | None]
+
+# Mounted under API_PREFIX, in this order.
+API_ROUTERS: list[APIRouter] = []
+# Mounted at the root (probes).
+ROOT_ROUTERS: list[APIRouter] = [health.router]
+LIFESPAN_HOOKS: list[LifespanHook] = []
+# Per-request body limits that differ from settings.max_body_bytes (e.g. checkpoint
+# uploads): the first hook returning a number wins.
+BODY_LIMITS: list[BodyLimit] = []
+
+
+def create_app(
+    settings: Settings,
+    *,
+    routers: Sequence[APIRouter] | None = None,
+    lifespan_hooks: Sequence[LifespanHook] | None = None,
+    context: ServiceContext | None = None,
+) -> FastAPI:
+    """Build the app. `routers`/`lifespan_hooks` replace the module lists (tests);
+    `context` lets a caller share one ServiceContext with the app."""
+    ctx = context or ServiceContext.build(settings)
+    hooks = list(LIFESPAN_HOOKS if lifespan_hooks is None else lifespan_hooks)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            stack.callback(ctx.close)  # registered first, so it runs after every hook exits
+            for hook in hooks:
+                await stack.enter_async_context(hook(ctx))
+            yield
+
+    app = FastAPI(
+        title="TuneForge",
+        version="0.1.0",
+        summary="Hyperparameter tuning for fine-tuning pretrained PyTorch models.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+
+    def limit_for(scope: Scope) -> int:
+        for rule in BODY_LIMITS:
+            limit = rule(settings, scope)
+            if limit is not None:
+                return limit
+        return settings.max_body_bytes
+
+    app.add_middleware(BodySizeLimit, limit_for=limit_for)
+
+    for router in ROOT_ROUTERS:
+        app.include_router(router)
+    for router in API_ROUTERS if routers is None else routers:
+        app.include_router(router, prefix=API_PREFIX)
+    return app

@@ -1,0 +1,1 @@
+"""Thin route modules, one per resource. Each exposes `router`; `service.api.app` mounts them."""
