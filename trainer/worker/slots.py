@@ -24,6 +24,7 @@ agent -> slot:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -147,6 +148,7 @@ class Slot:
     def start(self, timeout_s: float = 600.0) -> float:
         """Spawn the process and wait until it has imported torch; returns the seconds that took."""
         t0 = time.monotonic()
+        self._drop_conn()
         parent, child = SPAWN.Pipe(duplex=True)
         self._stop = SPAWN.Event()
         proc = SPAWN.Process(
@@ -167,17 +169,13 @@ class Slot:
         self._proc, self._conn = proc, parent
         self.starts += 1
         ready = multiprocessing.connection.wait([parent, proc.sentinel], timeout=timeout_s)
-        if parent not in ready:
-            self.kill()
-            raise SlotDied(self.spec.name, proc.exitcode)
         try:
-            msg = parent.recv()
+            msg = parent.recv() if parent in ready else None
         except (EOFError, OSError):
+            msg = None
+        if msg is None or msg[0] != "ready":
             self.kill()
-            raise SlotDied(self.spec.name, proc.exitcode) from None
-        if msg[0] != "ready":
-            self.kill()
-            raise SlotDied(self.spec.name, proc.exitcode)
+            raise self._died()
         self.warm_s = time.monotonic() - t0
         log.info("slot %s ready: pid %s, warm after %.1f s", self.spec.name, proc.pid, self.warm_s)
         return self.warm_s
@@ -189,21 +187,20 @@ class Slot:
     def run(self, job: TrialJob, events: TrialEvents, tick_s: float = 0.25) -> SlotOutcome:
         """Run one trial in the slot and relay its messages to `events` until it ends."""
         if self._proc is None or self._conn is None or not self._proc.is_alive():
-            raise SlotDied(self.spec.name, self._proc.exitcode if self._proc else None)
+            raise self._died()
         conn, proc = self._conn, self._proc
         self._stop.clear()
         try:
             conn.send(("trial", job))
         except OSError:
-            raise SlotDied(self.spec.name, proc.exitcode) from None
+            raise self._died() from None
         while True:
             ready = multiprocessing.connection.wait([conn, proc.sentinel], timeout=tick_s)
             if conn in ready:
                 try:
                     msg: tuple[Any, ...] = conn.recv()
                 except (EOFError, OSError):
-                    proc.join(timeout=5)
-                    raise SlotDied(self.spec.name, proc.exitcode) from None
+                    raise self._died() from None
                 kind = msg[0]
                 if kind == "done":
                     outcome: SlotOutcome = msg[1]
@@ -213,7 +210,7 @@ class Slot:
                     try:
                         conn.send(("prune", prune))
                     except OSError:
-                        raise SlotDied(self.spec.name, proc.exitcode) from None
+                        raise self._died() from None
                 elif kind == "step":
                     events.on_step(msg[1], msg[2])
                 elif kind == "checkpoint":
@@ -221,30 +218,38 @@ class Slot:
                 elif kind == "started":
                     events.on_started(msg[1])
             elif proc.sentinel in ready:
-                proc.join(timeout=5)
-                raise SlotDied(self.spec.name, proc.exitcode)
+                raise self._died()
             events.on_tick()
 
     def kill(self) -> None:
-        """SIGKILL the process (a trial that ignores stop, a cold shutdown)."""
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.kill()
-        if self._proc is not None:
-            self._proc.join(timeout=10)
-        if self._conn is not None:
-            self._conn.close()
-        self._conn = None
+        """SIGKILL the process (a trial that ignores stop, a cold shutdown). Safe from any thread:
+        the pipe is left to the owning thread, which sees the death in `run` or `close`."""
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Ask an idle slot to exit; kill it if it does not."""
         if self._conn is not None and self.alive:
-            try:
+            with contextlib.suppress(OSError):  # already gone: nothing to ask
                 self._conn.send(None)
-            except OSError:
-                pass  # already gone: nothing to ask
             assert self._proc is not None
             self._proc.join(timeout=timeout_s)
         self.kill()
+        self._drop_conn()
+
+    def _drop_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _died(self) -> SlotDied:
+        proc = self._proc
+        if proc is not None:
+            proc.join(timeout=5)
+        self._drop_conn()
+        return SlotDied(self.spec.name, proc.exitcode if proc else None)
 
 
 # ---------------------------------------------------------------------------
