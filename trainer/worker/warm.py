@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger("tuneforge.worker.slot")
 
 
 def prepare(*, gpu: bool, threads: int | None = None) -> None:
     """Import the training stack and create the CUDA context now rather than in the first trial."""
+    # Nothing is fetched from a model hub at run time (DESIGN.md); set before transformers loads.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
-    import transformers  # noqa: F401  (the import itself is the point: seconds, paid once)
+    import transformers
+
+    # transformers imports its model classes lazily, on first use: seconds inside the
+    # first trial otherwise. The auto classes and BERT (MiniLM's family) cover the common case.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+    from transformers.models.bert import modeling_bert  # noqa: F401
 
     import trainer.boundary  # noqa: F401
     import trainer.loop  # noqa: F401
 
+    # Progress bars from every slot would interleave in the agent's log.
+    transformers.utils.logging.disable_progress_bar()
     if threads is not None:
         # CPU slots share the machine's cores; without this each one starts a thread per
         # core and they thrash each other.
