@@ -9,8 +9,9 @@ invalid combination:
   categorical `unfreeze_depth` cannot change per trial (Optuna keeps categorical choices
   fixed), so with an int `num_layers` it is sampled first and `num_layers`' low is raised
   to it; with anything else every choice must fit every `num_layers` (checked on submit).
-- built-in model: `hidden_size % num_heads == 0`. An int `hidden_size` is sampled after
-  `num_heads` as a multiple of lcm(step, num_heads); categorical choices must all divide.
+- a built-in model built from scratch: `hidden_size % num_heads == 0`. An int
+  `hidden_size` is sampled after `num_heads` as a multiple of lcm(step, num_heads);
+  categorical choices must all be divisible by every num_heads.
 
 `check_search` (called by `service.spec.check_spec`) proves on submit that every trial
 has a valid value, so sampling never fails later.
@@ -20,11 +21,9 @@ from __future__ import annotations
 
 import decimal
 import inspect
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -58,6 +57,8 @@ from service.spec import AnyDimension, CategoricalDimension, IntDimension, Study
 from trainer import registry
 from trainer.config import ModelRef, NamedModel, PretrainedModel, TrialConfig
 from trainer.knobs import Hyperparams, catalogue
+from trainer.modeling.build import model_depth_and_heads
+from trainer.outcome import ConfigError
 
 GRID_LIMIT = 100_000
 
@@ -92,43 +93,52 @@ CONSTRAINT_NAME = "tf_constraint"
 
 # ---------------------------------------------------------------------------- model shape
 
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-_HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads")
+# trainer.modeling.builtin.DEFAULT_NUM_LAYERS, restated: that module imports torch and
+# transformers (seconds), which the API process does not need. A test keeps them equal.
+BUILTIN_DEFAULT_LAYERS = 4
 
 
-def _first_int(config: Mapping[str, Any], keys: tuple[str, ...]) -> int | None:
-    for key in keys:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+@dataclass(frozen=True)
+class ModelShape:
+    """What the model a spec fine-tunes fixes. None: not fixed, or not known."""
+
+    depth: int | None
+    """Encoder layers a trial keeps when num_layers is null."""
+    max_layers: int | None
+    """num_layers cannot exceed this (truncation only removes layers)."""
+    max_heads: int | None
+    """num_heads cannot exceed this (pruning only removes heads)."""
+    sized_by_knobs: bool
+    """A built-in model built from scratch: hidden_size and ffn_size apply, and hidden_size
+    must be divisible by num_heads."""
 
 
-def model_shape(model: ModelRef) -> tuple[int | None, int | None]:
-    """(encoder layers, attention heads) of the model a spec fine-tunes; None where unknown.
+def model_shape(model: ModelRef) -> ModelShape:
+    """The shape of the model a spec fine-tunes, from config.json alone (or the registry).
 
-    The built-in model has no fixed shape (its sizes are knobs). A pretrained folder's
-    config.json is read and nothing else, so its path must already be resolved
-    (`service.paths.resolve_spec_paths`).
+    Paths must already be resolved (`service.paths.resolve_spec_paths`). A named model's
+    shape comes from the registry, so the API host does not need its package installed.
     """
     if isinstance(model, NamedModel):
         try:
             entry = registry.model_entry(model.name)
         except registry.UnknownName as exc:
             raise Invalid("model.name", str(exc)) from None
-        return entry.num_layers, entry.num_heads
-    if not isinstance(model, PretrainedModel):
-        return None, None
-    config_file = Path(model.path) / "config.json"
+        return ModelShape(entry.num_layers, entry.num_layers, entry.num_heads, sized_by_knobs=False)
+    if isinstance(model, PretrainedModel):
+        ref, field = model, "model.path"
+    elif model.checkpoint is not None:
+        # a pretrained built-in checkpoint fixes its widths; depth and heads are cut by surgery
+        ref, field = PretrainedModel(path=model.checkpoint), "model.checkpoint"
+    else:
+        return ModelShape(BUILTIN_DEFAULT_LAYERS, None, None, sized_by_knobs=True)
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Invalid(
-            "model.path", f"{config_file} cannot be read ({exc}); expected a folder written by save_pretrained"
-        ) from None
-    if not isinstance(config, dict):
-        raise Invalid("model.path", f"{config_file} does not hold a JSON object")
-    return _first_int(config, _LAYER_KEYS), _first_int(config, _HEAD_KEYS)
+        shape = model_depth_and_heads(ref)
+    except ConfigError as exc:
+        raise Invalid(field, str(exc).split(": ", 1)[-1]) from None
+    assert shape is not None  # None only for a built-in ref
+    layers, heads, _hidden = shape
+    return ModelShape(layers, layers, heads, sized_by_knobs=False)
 
 
 # ---------------------------------------------------------------------------- the space
@@ -147,20 +157,17 @@ def _as_int(value: Any) -> int | None:
 class _Space:
     dims: Mapping[str, AnyDimension]
     fixed: Mapping[str, Any]
-    builtin: bool
-    depth: int | None
-    heads: int | None
+    shape: ModelShape
     order: tuple[str, ...]
 
     @classmethod
     def of(cls, spec: StudySpec) -> _Space:
-        depth, heads = model_shape(spec.model)
         fields = list(Hyperparams.model_fields)
         order = sorted(spec.search_space, key=lambda n: fields.index(n) if n in fields else len(fields))
         if cls._unfreeze_first(spec.search_space):
             order.remove("unfreeze_depth")
             order.insert(order.index("num_layers"), "unfreeze_depth")
-        return cls(spec.search_space, spec.fixed, spec.model.kind == "builtin", depth, heads, tuple(order))
+        return cls(spec.search_space, spec.fixed, model_shape(spec.model), tuple(order))
 
     @staticmethod
     def _unfreeze_first(dims: Mapping[str, AnyDimension]) -> bool:
@@ -172,7 +179,7 @@ class _Space:
         """(parent, child) pairs of conditional knobs, parent sampled first."""
         layers = ("num_layers", "unfreeze_depth")
         edges = [layers[::-1] if self._unfreeze_first(self.dims) else layers]
-        if self.builtin:
+        if self.shape.sized_by_knobs:
             edges.append(("num_heads", "hidden_size"))
         return edges
 
@@ -210,7 +217,7 @@ class _Space:
                         f"{low} exceeds num_layers ({self._layers_text(params)}); "
                         "unfreeze_depth cannot exceed num_layers",
                     )
-        elif name == "hidden_size" and self.builtin:
+        elif name == "hidden_size" and self.shape.sized_by_knobs:
             heads = _as_int(self.value("num_heads", params))
             if heads:
                 step = math.lcm(step, heads)
@@ -248,11 +255,11 @@ class _Space:
     def layers(self, params: Mapping[str, Any]) -> int | None:
         """Encoder layers a trial keeps: num_layers, else the model's depth (None: unknown)."""
         value = _as_int(self.value("num_layers", params))
-        return value if value is not None else self.depth
+        return value if value is not None else self.shape.depth
 
     def _layers_text(self, params: Mapping[str, Any]) -> str:
         if _as_int(self.value("num_layers", params)) is None:
-            return f"{self.depth}, the model's depth"
+            return f"{self.shape.depth}, the model's depth"
         return str(self.layers(params))
 
     def possible(self, name: str) -> list[Any]:
@@ -266,7 +273,7 @@ class _Space:
         if "unfreeze_depth" in values and "num_layers" in values:
             depth = _as_int(values["unfreeze_depth"])
             layers = _as_int(values["num_layers"])
-            limit = layers if layers is not None else self.depth
+            limit = layers if layers is not None else self.shape.depth
             if depth is not None and limit is not None and depth > limit:
                 what = str(limit) if layers is not None else f"{limit}, the model's depth"
                 return f"unfreeze_depth ({depth}) cannot exceed num_layers ({what})"
@@ -314,20 +321,21 @@ def _extremes(spec: StudySpec, name: str) -> list[tuple[str, Any]]:
 
 
 def _check_model_fit(spec: StudySpec, space: _Space) -> None:
-    if not space.builtin:
+    if not space.shape.sized_by_knobs:
+        why = "the checkpoint fixes it" if spec.model.kind == "builtin" else f"model.kind is {spec.model.kind!r}"
         for name in ("hidden_size", "ffn_size"):
             for section in ("search_space", "fixed"):
                 if name in getattr(spec, section):
                     raise Invalid(
-                        f"{section}.{name}",
-                        f"{name} only applies to the built-in model (model.kind is {spec.model.kind!r})",
+                        f"{section}.{name}", f"{name} only applies to a built-in model built from scratch ({why})"
                     )
-    for name, limit, what in (("num_layers", space.depth, "layers"), ("num_heads", space.heads, "attention heads")):
+    limits = (("num_layers", space.shape.max_layers, "layers"), ("num_heads", space.shape.max_heads, "attention heads"))
+    for name, limit, what in limits:
         for field, value in _extremes(spec, name):
             if limit is not None and _as_int(value) is not None and value > limit:
                 raise Invalid(field, f"{value} exceeds the model's {limit} {what}")
     hidden = spec.search_space.get("hidden_size")
-    log_hidden = space.builtin and isinstance(hidden, IntDimension) and hidden.log
+    log_hidden = space.shape.sized_by_knobs and isinstance(hidden, IntDimension) and hidden.log
     if log_hidden and any((_as_int(h) or 1) > 1 for h in space.possible("num_heads")):
         raise Invalid(
                 "search_space.hidden_size.log",
