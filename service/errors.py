@@ -3,6 +3,8 @@ and the CLI to one-line messages, so neither side needs the other's types."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class DomainError(Exception):
     """Base of every error the service reports to a caller.
@@ -20,10 +22,12 @@ class DomainError(Exception):
 class Invalid(DomainError):
     """Input that cannot be accepted: names the field (dotted path) and the reason. HTTP 422."""
 
-    def __init__(self, field: str, reason: str) -> None:
+    def __init__(self, field: str, reason: str, *, more: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(f"{field}: {reason}", field=field)
         self.field: str = field
         self.reason = reason
+        # Every problem found at once (a schema check reports all of them), first one included.
+        self.items: list[tuple[str, str]] = [(field, reason), *more]
 
 
 class NotFound(DomainError):

@@ -94,6 +94,8 @@ class Study(Base):
     status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus, "tf_study_status"), default=StudyStatus.RUNNING)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     directions: Mapped[list[Any]] = mapped_column(JSON)
+    # Metric names the study optimises, in the order of `directions` (what leases tell workers).
+    objectives: Mapped[list[Any]] = mapped_column(JSON, default=list)
     n_trials: Mapped[int | None] = mapped_column(Integer)
     max_parallel: Mapped[int] = mapped_column(Integer, default=1)
     max_retries: Mapped[int] = mapped_column(Integer, default=0)

@@ -29,6 +29,7 @@ def upgrade() -> None:
     sa.Column('status', sa.Enum('running', 'completed', 'cancelled', name='tf_study_status', native_enum=False, length=20), nullable=False),
     sa.Column('spec', sa.JSON(), nullable=False),
     sa.Column('directions', sa.JSON(), nullable=False),
+    sa.Column('objectives', sa.JSON(), nullable=False),
     sa.Column('n_trials', sa.Integer(), nullable=True),
     sa.Column('max_parallel', sa.Integer(), nullable=False),
     sa.Column('max_retries', sa.Integer(), nullable=False),

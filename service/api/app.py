@@ -12,14 +12,18 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 from starlette.types import Scope
 
 from service.api.errors import BodySizeLimit, install_error_handlers
-from service.api.routes import health
+from service.api.routes import health, studies, trials
 from service.context import ServiceContext
 from service.settings import Settings
+from service.spec import StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +33,15 @@ LifespanHook = Callable[[ServiceContext], AbstractAsyncContextManager[None]]
 BodyLimit = Callable[[Settings, Scope], int | None]
 
 # Mounted under API_PREFIX, in this order.
-API_ROUTERS: list[APIRouter] = []
+API_ROUTERS: list[APIRouter] = [studies.router, trials.router]
 # Mounted at the root (probes).
 ROOT_ROUTERS: list[APIRouter] = [health.router]
 LIFESPAN_HOOKS: list[LifespanHook] = []
 # Per-request body limits that differ from settings.max_body_bytes (e.g. checkpoint
 # uploads): the first hook returning a number wins.
 BODY_LIMITS: list[BodyLimit] = []
+# Models to publish in the OpenAPI components that no route signature names.
+OPENAPI_MODELS: list[type[BaseModel]] = [StudySpec]
 
 
 def create_app(
@@ -76,8 +82,26 @@ def create_app(
 
     app.add_middleware(BodySizeLimit, limit_for=limit_for)
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
     for router in ROOT_ROUTERS:
         app.include_router(router)
     for router in API_ROUTERS if routers is None else routers:
         app.include_router(router, prefix=API_PREFIX)
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the models that routes validate themselves (the study spec
+    is taken as a plain object so that its errors match the CLI's), referenced from
+    the routes' `openapi_extra` as #/components/schemas/<Model>."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in OPENAPI_MODELS:
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in model_schema.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -68,8 +68,9 @@ def status_for(exc: DomainError) -> int:
 async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
     status = status_for(exc)
-    reason = exc.reason if isinstance(exc, Invalid) else exc.message
-    field = exc.field
+    if isinstance(exc, Invalid):
+        return problem(status, list(exc.items))
+    field, reason = exc.field, exc.message
     headers = None
     if isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": "Bearer"}
