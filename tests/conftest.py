@@ -144,7 +144,7 @@ def upgraded_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
 @pytest.fixture
 def data_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
-    root.mkdir()
+    root.mkdir(exist_ok=True)
     return root
 
 

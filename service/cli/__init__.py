@@ -1,0 +1,1 @@
+"""The `tuneforge` command line: `main.app`, assembled from the sub-apps in this package."""
