@@ -17,11 +17,29 @@ no service, FastAPI or SQLAlchemy imports here.
 from __future__ import annotations
 
 import os
+import random
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel
+
+from trainer.protocol import (
+    CompleteRequest,
+    FailRequest,
+    FinishResponse,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    LeaseGrant,
+    LeaseRequest,
+    ReportRequest,
+    ReportResponse,
+)
+
+R = TypeVar("R")
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 TOKEN_ENV = "TUNEFORGE_TOKEN"
@@ -33,6 +51,13 @@ HOME_ENV = "TUNEFORGE_HOME"
 DEFAULT_HOME = ".tuneforge"
 ADMIN_TOKEN_FILE = "admin-token"
 API = "/api/v1"
+# Worker protocol: tries after the first for a call that met a connection error or a 5xx,
+# and the backoff between them (seconds; full jitter, doubling up to the cap).
+WORKER_RETRIES = 4
+RETRY_BASE_S = 0.25
+RETRY_CAP_S = 8.0
+CHECKPOINT_STEP_HEADER = "X-Checkpoint-Step"
+CHUNK_BYTES = 1 << 20
 
 
 class ClientError(Exception):
@@ -122,13 +147,30 @@ class TuneForgeClient:
     ) -> None:
         self.close()
 
-    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        content: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         """Send one request; return the decoded JSON body (None for 204)."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            response = self.http.request(method, path, json=json, params=query or None)
+            response = self.http.request(
+                method, path, json=json, params=query or None, content=content, headers=headers
+            )
         except httpx.TransportError as exc:  # connect, read, timeout: the request may not have arrived
             raise ServerUnavailable(f"cannot reach the TuneForge server at {self.base_url}: {exc}") from exc
+        self._raise_for_status(response)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def _raise_for_status(self, response: httpx.Response) -> None:
         if response.status_code >= 500:
             items = _error_items(response)
             raise ServerUnavailable(
@@ -138,9 +180,6 @@ class TuneForgeClient:
             items = _error_items(response)
             field, reason = items[0]
             raise ClientError(response.status_code, field, reason, items)
-        if response.status_code == 204 or not response.content:
-            return None
-        return response.json()
 
     # ------------------------------------------------------------------ health
 
@@ -210,3 +249,83 @@ class TuneForgeClient:
     def get_trial(self, study_id: int, number: int) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", f"{API}/studies/{study_id}/trials/{number}")
         return result
+
+    # ------------------------------------------------------------------ worker protocol (leases)
+    # The worker agent's calls. Connection errors, timeouts and 5xx are retried here with
+    # exponential backoff and full jitter, so agents that lost the server together do not
+    # return together; a 4xx is an answer and is never retried (409: the lease expired or
+    # is not ours). After `retries` more tries the ServerUnavailable propagates, and the
+    # agent decides what is worth waiting longer for (a finished trial's result is).
+
+    def _retrying(self, call: Callable[[], R], retries: int | None) -> R:
+        tries = (WORKER_RETRIES if retries is None else retries) + 1
+        for attempt in range(tries):
+            try:
+                return call()
+            except ServerUnavailable:
+                if attempt + 1 >= tries:
+                    raise
+                time.sleep(random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2**attempt)))
+        raise AssertionError("unreachable")
+
+    def _post_message(self, path: str, message: BaseModel, retries: int | None) -> Any:
+        payload = message.model_dump(mode="json")
+        return self._retrying(lambda: self.request("POST", f"{API}{path}", json=payload), retries)
+
+    def lease(self, request: LeaseRequest, *, retries: int | None = None) -> LeaseGrant | None:
+        """POST /leases: a trial to run, or None when there is no work (204)."""
+        body = self._post_message("/leases", request, retries)
+        return None if body is None else LeaseGrant.model_validate(body)
+
+    def heartbeat(self, lease_id: str, request: HeartbeatRequest, *, retries: int | None = None) -> HeartbeatResponse:
+        """POST /leases/{id}/heartbeat: extends the lease; `stop` says the trial should end."""
+        return HeartbeatResponse.model_validate(self._post_message(f"/leases/{lease_id}/heartbeat", request, retries))
+
+    def report(self, lease_id: str, request: ReportRequest, *, retries: int | None = None) -> ReportResponse:
+        """POST /leases/{id}/report: one evaluation; the answer says whether to prune."""
+        return ReportResponse.model_validate(self._post_message(f"/leases/{lease_id}/report", request, retries))
+
+    def complete(self, lease_id: str, request: CompleteRequest, *, retries: int | None = None) -> FinishResponse:
+        """POST /leases/{id}/complete (idempotent for the lease that holds the trial)."""
+        return FinishResponse.model_validate(self._post_message(f"/leases/{lease_id}/complete", request, retries))
+
+    def fail(self, lease_id: str, request: FailRequest, *, retries: int | None = None) -> FinishResponse:
+        """POST /leases/{id}/fail with a reason (oom, nan, timeout, error, preempted)."""
+        return FinishResponse.model_validate(self._post_message(f"/leases/{lease_id}/fail", request, retries))
+
+    def upload_checkpoint(self, lease_id: str, archive: Path, step: int, *, retries: int | None = None) -> None:
+        """PUT /leases/{id}/checkpoint: an uncompressed tar of the checkpoint folder, streamed from disk."""
+
+        def put() -> None:
+            with archive.open("rb") as f:
+                chunks = iter(lambda: f.read(CHUNK_BYTES), b"")
+                headers = {
+                    "Content-Type": "application/x-tar",
+                    "Content-Length": str(archive.stat().st_size),
+                    CHECKPOINT_STEP_HEADER: str(step),
+                }
+                self.request("PUT", f"{API}/leases/{lease_id}/checkpoint", content=chunks, headers=headers)
+
+        self._retrying(put, retries)
+
+    def download_checkpoint(self, lease_id: str, dest: Path, *, retries: int | None = None) -> int | None:
+        """GET /leases/{id}/checkpoint into `dest`: the step of the checkpoint, None when there is none (404)."""
+
+        def get() -> int | None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with self.http.stream("GET", f"{API}/leases/{lease_id}/checkpoint") as response:
+                    if response.status_code == 404:
+                        return None
+                    if response.status_code >= 400:
+                        response.read()  # the error body, for the message
+                        self._raise_for_status(response)
+                    step = int(response.headers.get(CHECKPOINT_STEP_HEADER, "0"))
+                    with dest.open("wb") as f:
+                        for chunk in response.iter_bytes(CHUNK_BYTES):
+                            f.write(chunk)
+                    return step
+            except httpx.TransportError as exc:
+                raise ServerUnavailable(f"cannot reach the TuneForge server at {self.base_url}: {exc}") from exc
+
+        return self._retrying(get, retries)
