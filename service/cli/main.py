@@ -5,6 +5,8 @@
     tuneforge token create ...      make an API token
     tuneforge study submit FILE     check and submit a study spec; also list/show/cancel/delete
     tuneforge train / pretrain      the trainer's own commands (trainer/cli.py)
+    tuneforge worker / up           a worker agent; the server plus a local worker (workers.py)
+    tuneforge study watch ID        follow a study until it ends (workers.py)
 
 To add a command group, write a Typer app in this package and `app.add_typer` it below.
 """
@@ -19,6 +21,7 @@ import typer
 from service.cli.admin import db_app, token_app
 from service.cli.common import handle_errors, quiet_logs, settings_or_fail
 from service.cli.studies import study_app
+from service.cli.workers import register as register_worker_commands
 
 app = typer.Typer(
     name="tuneforge",
@@ -29,6 +32,7 @@ app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(token_app, name="token")
 app.add_typer(study_app, name="study")
+register_worker_commands(app, study_app)
 
 
 @app.command()

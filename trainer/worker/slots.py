@@ -70,6 +70,8 @@ class SlotSpec:
     """Tokenised-data cache shared by every slot of the agent."""
     threads: int | None = None
     """torch intra-op threads (CPU slots split the cores between them); None keeps torch's default."""
+    log_level: int = logging.INFO
+    """The slot's own log level (the trainer logs each evaluation at INFO)."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,9 @@ def _slot_main(conn: Connection, stop: Event, spec: SlotSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s slot {spec.name} %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=spec.log_level, format=f"%(asctime)s slot {spec.name} %(levelname)s %(name)s: %(message)s"
+    )
     t0 = time.monotonic()
     from trainer.worker import warm  # imports torch and transformers: the cost a warm slot pays once
 
