@@ -39,6 +39,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
@@ -368,14 +369,12 @@ def _load_cached(target: Path) -> EncodedFile | None:
     if not target.is_file():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(target), framework="numpy") as f:
             meta = f.metadata() or {}
         if meta.get("format") != CACHE_FORMAT:
             return None
         arrays = load_file(str(target))
-    except (OSError, ValueError, RuntimeError) as exc:  # a damaged entry is rebuilt, never trusted
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # a damaged entry is rebuilt, never trusted
         log.warning("ignoring unreadable token cache %s: %s", target, exc)
         return None
     info = json.loads(meta.get("info", "{}"))
