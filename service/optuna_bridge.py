@@ -20,9 +20,10 @@ has a valid value, so sampling never fails later.
 from __future__ import annotations
 
 import decimal
+import importlib.util
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ from optuna.samplers import (
 )
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
 from service.errors import Conflict, Invalid, NotFound
@@ -80,6 +82,8 @@ PRUNERS: dict[str, type[BasePruner]] = {
     "wilcoxon": WilcoxonPruner,
     "threshold": ThresholdPruner,
 }
+# Optional dependencies Optuna imports only when a sampler first samples.
+SAMPLER_PACKAGES = {"cmaes": "cmaes", "gp": "torch", "qmc": "scipy"}
 # CmaEsSampler raises on a study with several directions; the others handle it.
 MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsga2", "gp", "random", "qmc", "grid")
 _SET_BY_TUNEFORGE = {
@@ -228,7 +232,8 @@ class _Space:
                         f"no multiple of {step} lies in [{dim.low}, {dim.high}]: the built-in model needs "
                         f"hidden_size divisible by num_heads ({heads})",
                     )
-        return IntDistribution(low, high, log=dim.log, step=step)
+        # Optuna would trim high onto the lattice itself, with a warning on every trial
+        return IntDistribution(low, low + (high - low) // step * step, log=dim.log, step=step)
 
     def _layers_low(self, dim: IntDimension, params: Mapping[str, Any]) -> int:
         """num_layers' low, raised so that the smallest unfreeze_depth still possible fits."""
@@ -418,6 +423,12 @@ def check_search(spec: StudySpec) -> None:
         )
     if n_objectives > 1 and spec.pruner.name != "none":
         raise Invalid("pruner.name", "Optuna cannot prune a study with several objectives; use none")
+    package = SAMPLER_PACKAGES.get(spec.sampler.name)
+    if package and importlib.util.find_spec(package) is None:
+        raise Invalid(
+            "sampler.name",
+            f"{spec.sampler.name} needs the Python package {package!r}, which is not installed on the server",
+        )
     _check_options("sampler", SAMPLERS[spec.sampler.name], spec.sampler.options, _SET_BY_TUNEFORGE)
     _check_options("pruner", PRUNERS[spec.pruner.name], spec.pruner.options, {})
     try:
@@ -463,6 +474,22 @@ def grid_space(spec: StudySpec) -> dict[str, list[Any]]:
     return values
 
 
+class AskTellGridSampler(GridSampler):
+    """GridSampler for ask/tell: Optuna's calls `study.stop()` once the grid is done, which
+    raises outside `study.optimize`, so the last `tell` would fail. The scheduler asks
+    `is_exhausted(study)` (or counts `grid_size`) instead."""
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        pass
+
+
+def grid_size(spec: StudySpec) -> int:
+    """Points in the grid of a grid-sampler spec: trials beyond it repeat a point."""
+    return math.prod(len(values) for values in grid_space(spec).values())
+
+
 def make_sampler(spec: StudySpec, parallel: bool) -> BaseSampler:
     """The spec's sampler. `parallel`: trials of the study run at once (TPE then applies
     the constant liar, so concurrent trials are not sampled next to each other).
@@ -472,7 +499,7 @@ def make_sampler(spec: StudySpec, parallel: bool) -> BaseSampler:
     """
     name, seed, options = spec.sampler.name, spec.sampler.seed, dict(spec.sampler.options)
     if name == "grid":
-        return GridSampler(grid_space(spec), seed=seed)
+        return AskTellGridSampler(grid_space(spec), seed=seed)
     if name == "tpe":
         options = {"multivariate": True, "constant_liar": parallel, **options}
     return SAMPLERS[name](seed=seed, **options)
@@ -602,10 +629,13 @@ def distributions(spec: StudySpec, params: Mapping[str, Any]) -> dict[str, BaseD
     `suggest_params` would have used), for `optuna.trial.create_trial` and friends."""
     space = _Space.of(spec)
     result: dict[str, BaseDistribution] = {}
+    earlier: dict[str, Any] = {}
     for name in space.order:
         if name not in params:
             raise Invalid(f"params.{name}", "missing: every searched knob needs a value")
-        result[name] = space.distribution(name, params)
+        # only the knobs sampled before this one, as suggest_params had them
+        result[name] = space.distribution(name, earlier)
+        earlier[name] = params[name]
     return result
 
 
