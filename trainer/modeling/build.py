@@ -241,7 +241,7 @@ def export_model(built: BuiltModel, out_dir: Path, id2label: dict[int, str]) -> 
     from trainer.modeling import surgery
 
     model = getattr(built.model, "_orig_mod", built.model)  # unwrap torch.compile
-    if any(h < getattr(model.config, "num_attention_heads", h) for h in surgery.attention_heads(model)):
+    if surgery.is_pruned(model):
         model = copy.deepcopy(model)
         surgery.restore_pruned_heads(model)
     labels = _labels(len(id2label), id2label)

@@ -135,8 +135,8 @@ def _attention_parts(layer: nn.Module, arch: EncoderArch) -> tuple[nn.Module, li
     return attn, [m for m in linears if isinstance(m, nn.Linear)]
 
 
-def find_arch(model: nn.Module, knob: str, *, need_attention: bool = False) -> tuple[EncoderArch, nn.ModuleList]:
-    """The architecture entry that matches the model, and its layer list; ConfigError if none."""
+def match_arch(model: nn.Module, *, need_attention: bool = False) -> tuple[EncoderArch, nn.ModuleList] | None:
+    """The architecture entry that matches the model, and its layer list; None if none does."""
     base = base_model(model)
     for arch in ARCHITECTURES:
         layers = _get(base, arch.layers)
@@ -145,11 +145,39 @@ def find_arch(model: nn.Module, knob: str, *, need_attention: bool = False) -> t
         if need_attention and _attention_parts(layers[0], arch) is None:
             continue
         return arch, layers
-    raise _unsupported(model, knob)
+    return None
+
+
+def find_arch(model: nn.Module, knob: str, *, need_attention: bool = False) -> tuple[EncoderArch, nn.ModuleList]:
+    """As match_arch, but a ConfigError naming `knob` when the model is not supported."""
+    found = match_arch(model, need_attention=need_attention)
+    if found is None:
+        raise _unsupported(model, knob)
+    return found
 
 
 def count_layers(model: nn.Module) -> int:
-    return len(find_arch(model, "num_layers")[1])
+    """Encoder layers; for an architecture surgery does not know, what its config says. Such a
+    model still trains when no structural knob is set, so counting must not fail on it."""
+    found = match_arch(model)
+    if found is not None:
+        return len(found[1])
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    return layers if isinstance(layers, int) else 0
+
+
+def is_pruned(model: nn.Module) -> bool:
+    """Whether any layer has fewer heads than the config names (export must re-expand it)."""
+    full = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    found = match_arch(model, need_attention=True)
+    if found is None or not isinstance(full, int):
+        return False
+    arch, layers = found
+    for layer in layers:
+        parts = _attention_parts(layer, arch)
+        if parts is not None and getattr(parts[0], arch.head_count_attr) < full:
+            return True
+    return False
 
 
 def truncate_layers(model: nn.Module, num_layers: int) -> None:
