@@ -20,8 +20,9 @@ from pydantic import BaseModel
 from starlette.types import Scope
 
 from service.api.errors import BodySizeLimit, install_error_handlers
-from service.api.routes import health, studies, trials
+from service.api.routes import health, leases, studies, trials
 from service.context import ServiceContext
+from service.scheduler.reaper import scheduler_lifespan
 from service.settings import Settings
 from service.spec import StudySpec
 
@@ -33,13 +34,14 @@ LifespanHook = Callable[[ServiceContext], AbstractAsyncContextManager[None]]
 BodyLimit = Callable[[Settings, Scope], int | None]
 
 # Mounted under API_PREFIX, in this order.
-API_ROUTERS: list[APIRouter] = [studies.router, trials.router]
+API_ROUTERS: list[APIRouter] = [studies.router, trials.router, leases.router]
 # Mounted at the root (probes).
 ROOT_ROUTERS: list[APIRouter] = [health.router]
-LIFESPAN_HOOKS: list[LifespanHook] = []
+# The scheduler's reaper loop and trial buffer run for the app's lifetime.
+LIFESPAN_HOOKS: list[LifespanHook] = [scheduler_lifespan]
 # Per-request body limits that differ from settings.max_body_bytes (e.g. checkpoint
 # uploads): the first hook returning a number wins.
-BODY_LIMITS: list[BodyLimit] = []
+BODY_LIMITS: list[BodyLimit] = [leases.checkpoint_body_limit]
 # Models to publish in the OpenAPI components that no route signature names.
 OPENAPI_MODELS: list[type[BaseModel]] = [StudySpec]
 

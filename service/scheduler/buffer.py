@@ -1,0 +1,262 @@
+"""Pre-asked trials: sampling happens here, off the lease path.
+
+A TPE ask costs 122 ms at 100 trials and 265 ms at 10,000 (DESIGN.md). A lease must
+not pay that, so each running study keeps a few *ready* rows: tf_trials in WAITING
+with their params sampled and their Optuna trial already RUNNING (the constant liar
+sees them as running, so they spread out). A lease claims one; this module tops the
+buffer up again, in a background thread woken after each claim, or synchronously
+when a lease finds the buffer empty.
+
+Budget: a ready row reserves one unit of n_trials (`n_started + fresh waiting <
+n_trials` is checked under the study lock before the row is inserted), so buffers
+never overshoot. Several API processes may fill the same study; on PostgreSQL a
+session advisory lock lets one filler work on a study at a time, and the guarded
+insert stays the final word: an ask that lost the race is told FAIL with the user
+attribute `tf_discarded`.
+
+Enqueued configurations (warm start, `POST .../enqueue`) are WAITING tf rows that
+point at a WAITING Optuna trial with fixed params. Optuna's `ask()` pops those first;
+when it pops one, its row already exists and no new row is made. A lease may also
+claim such a row before any ask popped it; the grant then pops it (`sync.ensure_running`).
+
+Trial numbers: a new row takes its Optuna trial's number (unique per study, and what
+`studies.enqueue` uses too), so trial N is Optuna trial N on its first attempt.
+Retries and discarded asks leave gaps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, func, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from service.errors import DomainError
+from service.models import Study, StudyStatus, Trial, TrialState
+from service.scheduler import sync
+from service.scheduler._sql import begin_write, lock_study, timed_out, utcnow
+
+if TYPE_CHECKING:
+    from service.scheduler.leases import Scheduler
+
+log = logging.getLogger(__name__)
+
+# PostgreSQL advisory lock namespace ("TF" filler); the second key is the study id.
+_ADVISORY_CLASS = 0x5446
+
+
+@dataclass(frozen=True)
+class BufferState:
+    study_id: int
+    max_parallel: int
+    ready: int  # WAITING with an Optuna trial: claimable now
+    room: bool  # the budget allows one more fresh row
+
+    def wants(self, target: int) -> bool:
+        return self.room and self.ready < target
+
+
+def buffer_states(s: Session, study_ids: list[int] | None = None) -> list[BufferState]:
+    """Ready counts and budget room of running studies, in one query."""
+    waiting = and_(Trial.study_id == Study.id, Trial.state == TrialState.WAITING)
+    ready = select(func.count()).where(waiting, Trial.optuna_trial_id.is_not(None)).scalar_subquery()
+    fresh = select(func.count()).where(waiting, Trial.attempts == 0).scalar_subquery()
+    q = select(Study, ready, fresh).where(Study.status == StudyStatus.RUNNING)
+    if study_ids is not None:
+        q = q.where(Study.id.in_(study_ids))
+    now = utcnow()
+    out = []
+    for study, n_ready, n_fresh in s.execute(q).all():
+        if timed_out(study, now):
+            continue
+        room = study.n_trials is None or study.n_started + n_fresh < study.n_trials
+        out.append(BufferState(study.id, study.max_parallel, n_ready, room))
+    return out
+
+
+# The background filler works while workers are asking for work: pre-asked trials are
+# RUNNING in Optuna, which is wrong to show (and pointless) when no worker is around.
+DEMAND_WINDOW_S = 300.0
+
+
+class Buffer:
+    """Keeps a few ready trials per running study; one background thread per process."""
+
+    def __init__(self, scheduler: Scheduler, size: int) -> None:
+        self._sched = scheduler
+        self.size = size
+        self._last_demand = -math.inf
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def target(self, max_parallel: int) -> int:
+        return max(1, min(self.size, max_parallel))
+
+    # ------------------------------------------------------------------ background thread
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="tuneforge-buffer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def note_demand(self) -> None:
+        """A worker asked for work: keep the buffers full for a while."""
+        self._last_demand = time.monotonic()
+
+    @property
+    def in_demand(self) -> bool:
+        return time.monotonic() - self._last_demand < DEMAND_WINDOW_S
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if not self.in_demand:
+                continue
+            try:
+                self.top_up()
+            except (DBAPIError, DomainError) as exc:
+                # A database hiccup or a study deleted under us: the next round retries.
+                log.warning("buffer top-up failed: %s", exc)
+
+    def top_up(self) -> int:
+        """Fill every running study's buffer up to its target; returns trials added."""
+        added = 0
+        while not self._stop.is_set():
+            with self._sched.db.scope() as s:
+                states = buffer_states(s)
+            wanting = [st for st in states if st.wants(self.target(st.max_parallel))]
+            if not wanting:
+                break
+            progressed = False
+            for st in wanting:
+                if self._stop.is_set():
+                    break
+                if self.fill_one(st.study_id, blocking=False):
+                    added += 1
+                    progressed = True
+            if not progressed:
+                break
+        return added
+
+    # ------------------------------------------------------------------ one ask
+
+    def fill_one(self, study_id: int, *, blocking: bool) -> bool:
+        """Ask one trial for the study and store it as a ready row.
+
+        blocking=False (background): skip the study when another thread or process is
+        filling it. blocking=True (a lease found no ready row): wait for this process's
+        filler; returns True at once if a ready row appeared meanwhile.
+        """
+        warm = self._sched.warm.get(study_id)
+        if not warm.ask_lock.acquire(blocking=blocking):
+            return False
+        try:
+            with self._advisory(study_id, blocking=blocking) as held:
+                if not held:
+                    return False
+                with self._sched.db.scope() as s:
+                    states = buffer_states(s, [study_id])
+                if not states:
+                    return False
+                st = states[0]
+                if blocking and st.ready > 0:
+                    return True
+                if not st.wants(self.target(st.max_parallel) if not blocking else 1):
+                    return False
+                return self._ask_and_store(warm, study_id)
+        finally:
+            warm.ask_lock.release()
+
+    def _ask_and_store(self, warm: Any, study_id: int) -> bool:
+        from service.optuna_bridge import suggest_params
+
+        trial = warm.study.ask()
+        params = suggest_params(trial, warm.spec)
+        stored = self._sched.db.run(lambda s: _store(s, study_id, trial._trial_id, trial.number, params))
+        if stored is None:
+            sync.discard(warm, trial._trial_id, "budget reached or study no longer running")
+            return False
+        self._sched.sampled.add(trial._trial_id)
+        return True
+
+    @contextmanager
+    def _advisory(self, study_id: int, *, blocking: bool) -> Iterator[bool]:
+        """Cross-process: one filler per study at a time (PostgreSQL only)."""
+        if self._sched.settings.is_sqlite or blocking:
+            yield True
+            return
+        with self._sched.db.engine.connect() as conn:
+            got = conn.execute(
+                text("SELECT pg_try_advisory_lock(:c, :o)"), {"c": _ADVISORY_CLASS, "o": study_id}
+            ).scalar_one()
+            conn.commit()
+            try:
+                yield bool(got)
+            finally:
+                if got:
+                    conn.execute(text("SELECT pg_advisory_unlock(:c, :o)"), {"c": _ADVISORY_CLASS, "o": study_id})
+                    conn.commit()
+
+
+def _store(s: Session, study_id: int, optuna_trial_id: int, number: int, params: dict[str, Any]) -> int | None:
+    """Insert the asked trial as a ready row, under the study lock, so the budget check and
+    the insert are one step. Returns its number, or None when it may not be added."""
+    begin_write(s)
+    study = lock_study(s, study_id)
+    if study is None:
+        return None
+    enqueued = s.scalar(
+        select(Trial.number).where(
+            Trial.study_id == study_id,
+            Trial.state.in_((TrialState.WAITING, TrialState.RUNNING)),
+            Trial.optuna_trial_id == optuna_trial_id,
+        )
+    )
+    if enqueued is not None:
+        return int(enqueued)  # ask() popped an enqueued configuration: its row exists
+    if study.status != StudyStatus.RUNNING or timed_out(study, utcnow()):
+        return None
+    if study.n_trials is not None:
+        fresh = s.scalar(
+            select(func.count()).where(
+                Trial.study_id == study_id, Trial.state == TrialState.WAITING, Trial.attempts == 0
+            )
+        )
+        if study.n_started + int(fresh or 0) >= study.n_trials:
+            return None
+    s.add(
+        Trial(
+            study_id=study_id,
+            number=number,
+            state=TrialState.WAITING,
+            params=params,
+            optuna_trial_id=optuna_trial_id,
+            attempts=0,
+        )
+    )
+    s.flush()
+    return number

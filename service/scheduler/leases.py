@@ -1,0 +1,758 @@
+"""Leases: how worker agents take trials, keep them, report on them and give them back.
+
+Every state change is one transaction with guarded transitions: an UPDATE that names
+the state it expects (`WHERE state = 'active' AND expires_at > now`) and whose
+rowcount says whether this call won. A loser changes nothing and gets `LeaseLost`
+(409). Calls from the current holder are idempotent: a repeated complete or fail
+answers what the first one decided; Optuna is brought in line after the commit
+(`sync.py`), idempotently too.
+
+Scheduling
+- Fair share: among running studies below max_parallel, the one with the fewest
+  running trials relative to its max_parallel goes first (ties: the oldest).
+- The study row is locked for the claim (PostgreSQL `FOR UPDATE SKIP LOCKED`, then
+  a blocking lock if every candidate was busy; SQLite takes the write lock first),
+  so max_parallel and n_trials hold exactly under any concurrency.
+- A lease claims a *ready* row (params sampled ahead by `buffer.py`); retries go
+  before fresh trials. With no ready row, the lease asks synchronously.
+- A study past its timeout grants nothing (the reaper ends it); a cancelled or
+  completed one neither.
+
+Retries (decided when an attempt fails; max_retries comes from the study)
+| reason | retried? | counts against max_retries |
+| --- | --- | --- |
+| error, timeout | yes, up to max_retries | yes |
+| lease expired (worker lost; the reaper) | yes, up to max_retries | yes |
+| preempted (SIGTERM, node drained) | yes, up to MAX_PREEMPTIONS | no |
+| oom, nan | never: the same config would fail again; recorded as a constraint (sync.py) | - |
+A retry keeps its tf trial number and params, gets a new Optuna trial, and resumes
+from the trial's last uploaded checkpoint when there is one
+(`LeaseGrant.resume_checkpoint`). Nothing is retried once the study is cancelled or
+past its timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from optuna.exceptions import UpdateFinishedTrialError
+from sqlalchemy import Float, cast, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from service.errors import Conflict, Invalid, LeaseLost
+from service.models import Lease, LeaseState, Study, StudyStatus, Trial, TrialReport, TrialState
+from service.scheduler import sync
+from service.scheduler._sql import (
+    aware,
+    begin_write,
+    guarded_update,
+    is_sqlite,
+    lock_study,
+    timed_out,
+    utcnow,
+)
+from service.scheduler.buffer import Buffer
+from service.scheduler.checkpoints import CheckpointStore
+from service.scheduler.warm import WarmStudies, is_maximize
+from trainer.protocol import (
+    CompleteRequest,
+    FailRequest,
+    FinishResponse,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    LeaseGrant,
+    LeaseRequest,
+    ReportRequest,
+    ReportResponse,
+)
+
+if TYPE_CHECKING:
+    from service.context import ServiceContext
+    from service.spec import StudySpec
+
+log = logging.getLogger(__name__)
+
+# Preemptions do not use up max_retries, but a trial that is preempted forever must end.
+MAX_PREEMPTIONS = 20
+# Failure reasons (as stored in tf_leases.stop_reason) that use up max_retries.
+COUNTED_REASONS = ("error", "timeout", "expired")
+EXPIRED = "expired"  # tf_trials.failure_reason / tf_leases.stop_reason of a lost lease
+PRUNED = "pruned"
+COMPLETE = "complete"
+
+
+@dataclass
+class _Claimed:
+    lease_id: str
+    study_id: int
+    study_name: str
+    number: int
+    optuna_trial_id: int
+    attempt: int
+    expires_at: datetime
+    trial_timeout_s: float | None
+    params: dict[str, Any]
+    spec_json: dict[str, Any]
+    objectives: list[str]
+    resume: bool
+
+
+@dataclass
+class _NeedsFill:
+    study_id: int
+
+
+@dataclass
+class Finished:
+    """What a finishing transaction decided; `Scheduler.sync` applies it to Optuna."""
+
+    study_id: int
+    trial_id: int
+    number: int
+    state: TrialState  # the tf trial's state after the transaction (WAITING: retry scheduled)
+    optuna_trial_id: int | None  # the attempt's Optuna trial
+    values: list[float] | None = None
+    reason: str | None = None
+    message: str | None = None
+    retry_attempt: int | None = None  # set when a retry was scheduled
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _LeaseView:
+    state: LeaseState
+    expires_at: datetime
+    stop_reason: str | None
+    attempt: int
+    trial_id: int
+    study_id: int
+    optuna_trial_id: int | None
+    objectives: list[str]
+    directions: list[str]
+
+    def live(self, now: datetime) -> bool:
+        expires = aware(self.expires_at)
+        return self.state == LeaseState.ACTIVE and expires is not None and expires > now
+
+
+class Scheduler:
+    """Grants and tracks leases for one API process. Thread-safe; build with `get_scheduler`."""
+
+    def __init__(self, ctx: ServiceContext, *, buffer_size: int = 4) -> None:
+        self.ctx = ctx
+        self.db = ctx.db
+        self.settings = ctx.settings
+        self.warm = WarmStudies(ctx)
+        self.buffer = Buffer(self, buffer_size)
+        self.checkpoints = CheckpointStore(self)
+        self._specs: dict[int, StudySpec] = {}
+        # Optuna trials this process asked (RUNNING with params): a grant of their row
+        # need not check for an enqueued WAITING trial. Set add/discard are atomic.
+        self.sampled: set[int] = set()
+        # Retries seen without an Optuna trial by the last reaper pass (reaper.py).
+        self.unattached_seen: set[int] = set()
+
+    @property
+    def lease_timeout(self) -> timedelta:
+        return timedelta(seconds=self.settings.lease_timeout_s)
+
+    # ================================================================== grant
+
+    def grant(self, req: LeaseRequest) -> LeaseGrant | None:
+        """A lease on the next trial to run, or None when no study has work."""
+        self.buffer.note_demand()
+        for _ in range(5):
+            claimed = self.db.run(lambda s: self._claim(s, req))
+            if claimed is None:
+                return None
+            if isinstance(claimed, _Claimed):
+                self.buffer.wake()
+                if claimed.optuna_trial_id in self.sampled:
+                    self.sampled.discard(claimed.optuna_trial_id)
+                else:
+                    # Maybe an enqueued configuration nobody popped yet (or a row another
+                    # process asked): make sure its Optuna trial runs with its params.
+                    sync.ensure_running(self.warm.get(claimed.study_id), claimed.optuna_trial_id)
+                return self._grant_message(claimed)
+            # The fairest study has no ready trial: ask one now, then claim again.
+            self.buffer.fill_one(claimed.study_id, blocking=True)
+        return None
+
+    def _claim(self, s: Session, req: LeaseRequest) -> _Claimed | _NeedsFill | None:
+        begin_write(s)
+        now = utcnow()
+        share = cast(Study.n_running, Float) / Study.max_parallel
+        candidates = s.execute(
+            select(Study.id, Study.n_trials, Study.n_started, Study.timeout_s, Study.created_at)
+            .where(Study.status == StudyStatus.RUNNING, Study.n_running < Study.max_parallel)
+            .order_by(share, Study.id)
+        ).all()
+        busy: list[int] = []
+        for cand in candidates:
+            if timed_out(cand, now):
+                continue
+            ready = self._has_ready(s, cand.id)
+            if not ready:
+                if self._has_room(s, cand):
+                    return _NeedsFill(cand.id)
+                continue
+            study = lock_study(s, cand.id, skip_locked=True)
+            if study is None:
+                busy.append(cand.id)  # another grant holds it right now
+                continue
+            claimed = self._claim_in(s, study, req, now)
+            if claimed is not None:
+                return claimed
+        for study_id in busy:
+            # Every ready study was busy: wait for the fairest one (we hold no other lock).
+            study = lock_study(s, study_id)
+            if study is not None:
+                claimed = self._claim_in(s, study, req, now)
+                if claimed is not None:
+                    return claimed
+        return None
+
+    @staticmethod
+    def _has_ready(s: Session, study_id: int) -> bool:
+        q = select(Trial.id).where(
+            Trial.study_id == study_id, Trial.state == TrialState.WAITING, Trial.optuna_trial_id.is_not(None)
+        )
+        return s.scalar(q.limit(1)) is not None
+
+    @staticmethod
+    def _has_room(s: Session, cand: Any) -> bool:
+        if cand.n_trials is None:
+            return True
+        fresh = s.scalar(
+            select(func.count()).where(
+                Trial.study_id == cand.id, Trial.state == TrialState.WAITING, Trial.attempts == 0
+            )
+        )
+        return cand.n_started + int(fresh or 0) < cand.n_trials
+
+    def _claim_in(self, s: Session, study: Study, req: LeaseRequest, now: datetime) -> _Claimed | None:
+        """Claim a ready row of a locked study, or None if it can take no more now."""
+        if study.status != StudyStatus.RUNNING or study.n_running >= study.max_parallel or timed_out(study, now):
+            return None
+        trial = s.scalars(
+            select(Trial)
+            .where(Trial.study_id == study.id, Trial.state == TrialState.WAITING, Trial.optuna_trial_id.is_not(None))
+            .order_by(Trial.attempts.desc(), Trial.number)  # retries first
+            .limit(1)
+            .execution_options(populate_existing=True)
+        ).first()
+        if trial is None:
+            return None
+        fresh = trial.attempts == 0
+        if fresh and study.n_trials is not None and study.n_started >= study.n_trials:
+            return None
+        attempt = max(trial.attempts, 1)
+        won = guarded_update(
+            s,
+            Trial,
+            [Trial.id == trial.id, Trial.state == TrialState.WAITING, Trial.attempts == trial.attempts],
+            {
+                "state": TrialState.RUNNING,
+                "attempts": attempt,
+                "worker_id": req.worker_id,
+                "started_at": aware(trial.started_at) or now,
+            },
+        )
+        if not won:
+            return None
+        expires = now + self.lease_timeout
+        lease = Lease(
+            id=str(uuid.uuid4()),
+            trial_id=trial.id,
+            study_id=study.id,
+            attempt=attempt,
+            worker_id=req.worker_id,
+            slot=req.slot,
+            state=LeaseState.ACTIVE,
+            granted_at=now,
+            expires_at=expires,
+        )
+        s.add(lease)
+        guarded_update(
+            s,
+            Study,
+            [Study.id == study.id],
+            {"n_running": Study.n_running + 1, "n_started": Study.n_started + (1 if fresh else 0)},
+        )
+        return _Claimed(
+            lease_id=lease.id,
+            study_id=study.id,
+            study_name=study.name,
+            number=trial.number,
+            optuna_trial_id=int(trial.optuna_trial_id),  # type: ignore[arg-type]
+            attempt=attempt,
+            expires_at=expires,
+            trial_timeout_s=study.trial_timeout_s,
+            params=dict(trial.params),
+            spec_json=study.spec,
+            objectives=list(study.objectives or []),
+            resume=attempt > 1 and trial.checkpoint_path is not None,
+        )
+
+    def _spec(self, study_id: int, spec_json: dict[str, Any]) -> StudySpec:
+        spec = self._specs.get(study_id)
+        if spec is None:
+            from service.spec import StudySpec
+
+            spec = self._specs[study_id] = StudySpec.model_validate(spec_json)
+        return spec
+
+    def _grant_message(self, c: _Claimed) -> LeaseGrant:
+        from service.optuna_bridge import build_trial_config
+
+        spec = self._spec(c.study_id, c.spec_json)
+        objectives = c.objectives or [o.metric for o in spec.objectives]
+        return LeaseGrant(
+            lease_id=c.lease_id,
+            study_id=c.study_id,
+            study_name=c.study_name,
+            trial_number=c.number,
+            attempt=c.attempt,
+            expires_at=c.expires_at,
+            heartbeat_interval_s=self.settings.lease_timeout_s / 3,
+            trial_timeout_s=c.trial_timeout_s,
+            config=build_trial_config(spec, c.params),
+            resume_checkpoint=c.resume,
+            objectives=objectives,
+        )
+
+    # ================================================================== heartbeat
+
+    def heartbeat(self, lease_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
+        return self.db.run(lambda s: self._heartbeat(s, lease_id, req))
+
+    def _heartbeat(self, s: Session, lease_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
+        now = utcnow()
+        expires = now + self.lease_timeout
+        values: dict[str, Any] = {"expires_at": expires}
+        if req.step is not None:
+            values["last_step"] = req.step
+        if not guarded_update(s, Lease, _live(lease_id, now), values):
+            lease = _lease(s, lease_id)
+            if lease is not None and lease.state == LeaseState.FINISHED:
+                why = "trial pruned" if lease.stop_reason == PRUNED else "trial finished"
+                return HeartbeatResponse(expires_at=aware(lease.expires_at) or now, stop=True, reason=why)
+            raise _lost(lease, now)
+        row = s.execute(
+            select(Lease.granted_at, Study.status, Study.trial_timeout_s)
+            .join(Study, Study.id == Lease.study_id)
+            .where(Lease.id == lease_id)
+        ).one()
+        if row.status == StudyStatus.CANCELLED:
+            return HeartbeatResponse(expires_at=expires, stop=True, reason="study cancelled")
+        granted = aware(row.granted_at)
+        limit = row.trial_timeout_s
+        if limit is not None and granted is not None and now - granted > timedelta(seconds=limit):
+            return HeartbeatResponse(expires_at=expires, stop=True, reason="trial timeout")
+        return HeartbeatResponse(expires_at=expires)
+
+    # ================================================================== report
+
+    def report(self, lease_id: str, req: ReportRequest) -> ReportResponse:
+        now = utcnow()
+        view = self._view(lease_id)
+        if not view.live(now):
+            if view.state == LeaseState.FINISHED and view.stop_reason == PRUNED:
+                return ReportResponse(prune=True, expires_at=aware(view.expires_at) or now)
+            raise _lost_view(view)
+        objective = view.objectives[0] if view.objectives else None
+        value: float | None = None
+        if objective is not None:
+            if objective not in req.metrics:
+                raise Invalid(f"metrics.{objective}", f"missing; the study optimises {objective!r}")
+            value = float(req.metrics[objective])
+        expires = self.db.run(lambda s: self._report_tx(s, lease_id, view, req))
+        prune = False
+        if value is not None and len(view.directions) == 1 and view.optuna_trial_id is not None:
+            prune = self._should_prune(view, req.step, value)
+        if prune:
+            fin = self.db.run(lambda s: self._finish_tx(s, lease_id, PRUNED, None))
+            self.sync(fin)
+            if fin.state != TrialState.PRUNED:
+                raise LeaseLost("the lease ended before the prune decision was recorded")
+        return ReportResponse(prune=prune, expires_at=expires)
+
+    def _report_tx(self, s: Session, lease_id: str, view: _LeaseView, req: ReportRequest) -> datetime:
+        now = utcnow()
+        expires = now + self.lease_timeout
+        # A report is proof of life too: it extends the lease like a heartbeat.
+        if not guarded_update(s, Lease, _live(lease_id, now), {"expires_at": expires, "last_step": req.step}):
+            lease = _lease(s, lease_id)
+            if lease is not None and lease.state == LeaseState.FINISHED and lease.stop_reason == PRUNED:
+                return aware(lease.expires_at) or now
+            raise _lost(lease, now)
+        dialect = postgresql if not is_sqlite(s) else sqlite
+        s.execute(
+            dialect.insert(TrialReport)
+            .values(trial_id=view.trial_id, attempt=view.attempt, step=req.step, metrics=req.metrics, created_at=now)
+            .on_conflict_do_nothing(index_elements=["trial_id", "attempt", "step"])
+        )
+        running = [Trial.id == view.trial_id, Trial.state == TrialState.RUNNING]
+        guarded_update(s, Trial, running, {"last_step": req.step})
+        return expires
+
+    def _should_prune(self, view: _LeaseView, step: int, value: float) -> bool:
+        warm = self.warm.get(view.study_id)
+        storage = warm.study._storage
+        assert view.optuna_trial_id is not None
+        try:
+            storage.set_trial_intermediate_value(view.optuna_trial_id, step, value)
+        except UpdateFinishedTrialError:
+            raise LeaseLost("the trial already finished") from None
+        frozen = storage.get_trial(view.optuna_trial_id)
+        return bool(warm.study.pruner.prune(warm.study, frozen))
+
+    # ================================================================== complete / fail
+
+    def complete(self, lease_id: str, req: CompleteRequest) -> FinishResponse:
+        now = utcnow()
+        view = self._view(lease_id)
+        values: list[float] | None = None
+        if view.live(now):
+            values = _objective_values(view.objectives, req.metrics)
+        fin = self.db.run(lambda s: self._finish_tx(s, lease_id, COMPLETE, values, complete=req))
+        self.sync(fin)
+        return FinishResponse(trial_number=fin.number, state=fin.state.value)
+
+    def fail(self, lease_id: str, req: FailRequest) -> FinishResponse:
+        fin = self.db.run(lambda s: self._finish_tx(s, lease_id, req.reason.value, None, fail=req))
+        self.sync(fin)
+        return FinishResponse(trial_number=fin.number, state=fin.state.value)
+
+    def _finish_tx(
+        self,
+        s: Session,
+        lease_id: str,
+        outcome: str,
+        values: list[float] | None,
+        *,
+        complete: CompleteRequest | None = None,
+        fail: FailRequest | None = None,
+    ) -> Finished:
+        """End the lease with `outcome` (complete, pruned, or a failure reason)."""
+        now = utcnow()
+        if not guarded_update(s, Lease, _live(lease_id, now), {"state": LeaseState.FINISHED, "stop_reason": outcome}):
+            return self._answer_finished(s, lease_id, outcome, now)
+        lease = _lease(s, lease_id)
+        assert lease is not None
+        if outcome == COMPLETE:
+            assert complete is not None and values is not None
+            return self._complete_trial(s, lease, complete, values, now)
+        if outcome == PRUNED:
+            return self._end_trial(s, lease, TrialState.PRUNED, now, {}, counter="n_pruned")
+        assert fail is not None
+        return self.fail_trial(s, lease, outcome, fail.message, fail.traceback, fail.step, now)
+
+    def _answer_finished(self, s: Session, lease_id: str, outcome: str, now: datetime) -> Finished:
+        """The lease is not live: answer a repeat from its holder, refuse anyone else."""
+        lease = _lease(s, lease_id)
+        if lease is None or lease.state != LeaseState.FINISHED:
+            raise _lost(lease, now)
+        trial = s.get(Trial, lease.trial_id, populate_existing=True)
+        assert trial is not None
+        fin = Finished(lease.study_id, trial.id, trial.number, trial.state, trial.optuna_trial_id)
+        if lease.stop_reason == PRUNED:
+            fin.state = TrialState.PRUNED
+            return fin
+        if lease.stop_reason == COMPLETE:
+            if outcome != COMPLETE:
+                raise Conflict("this lease already completed the trial; it cannot fail it now")
+            fin.values = trial.values
+            return fin
+        # The lease ended with a failure.
+        if outcome == COMPLETE:
+            raise Conflict(f"this lease already failed the trial ({lease.stop_reason}); it cannot complete it now")
+        if trial.attempts > lease.attempt:
+            # A retry was scheduled; the trial may be running again under another lease.
+            fin.state = TrialState.WAITING
+            fin.optuna_trial_id = None
+            unattached = trial.state == TrialState.WAITING and trial.optuna_trial_id is None
+            if unattached and trial.attempts == lease.attempt + 1:
+                fin.retry_attempt = trial.attempts
+                fin.params = dict(trial.params)
+        else:
+            fin.optuna_trial_id = None  # already told FAIL by the first call, or the sweep does it
+        return fin
+
+    def _complete_trial(
+        self, s: Session, lease: Lease, req: CompleteRequest, values: list[float], now: datetime
+    ) -> Finished:
+        fin = self._end_trial(
+            s,
+            lease,
+            TrialState.COMPLETE,
+            now,
+            {
+                "values": values,
+                "value": values[0],
+                "metrics": dict(req.metrics),
+                "duration_s": req.duration_s,
+                "last_step": req.step,
+            },
+            counter="n_complete",
+        )
+        fin.values = values
+        study = s.get(Study, lease.study_id, populate_existing=True)
+        assert study is not None
+        if len(study.directions) == 1:
+            better = Study.best_value < values[0] if is_maximize(study.directions[0]) else Study.best_value > values[0]
+            guarded_update(
+                s,
+                Study,
+                [Study.id == study.id, Study.best_value.is_(None) | better],
+                {"best_value": values[0], "best_trial_number": fin.number},
+            )
+        return fin
+
+    def _end_trial(
+        self, s: Session, lease: Lease, state: TrialState, now: datetime, values: dict[str, Any], *, counter: str
+    ) -> Finished:
+        """RUNNING -> a finished state for the lease's attempt, with the study counters."""
+        trial = s.get(Trial, lease.trial_id, populate_existing=True)
+        assert trial is not None
+        duration = values.pop("duration_s", None)
+        if duration is None and trial.started_at is not None:
+            duration = (now - aware(trial.started_at)).total_seconds()  # type: ignore[operator]
+        won = guarded_update(
+            s,
+            Trial,
+            [Trial.id == trial.id, Trial.state == TrialState.RUNNING, Trial.attempts == lease.attempt],
+            {"state": state, "finished_at": now, "duration_s": duration, **values},
+        )
+        if not won:
+            raise LeaseLost("the trial is no longer held by this lease")
+        guarded_update(
+            s,
+            Study,
+            [Study.id == lease.study_id],
+            {"n_running": Study.n_running - 1, counter: getattr(Study, counter) + 1},
+        )
+        self._maybe_complete_study(s, lease.study_id, now)
+        return Finished(lease.study_id, trial.id, trial.number, state, trial.optuna_trial_id)
+
+    def fail_trial(
+        self,
+        s: Session,
+        lease: Lease,
+        reason: str,
+        message: str | None,
+        traceback: str | None,
+        step: int | None,
+        now: datetime,
+    ) -> Finished:
+        """The lease's attempt failed (or its lease expired): retry or fail for good.
+
+        The lease is already finished/expired with stop_reason=reason in this
+        transaction, so the counts below include this attempt.
+        """
+        study = s.get(Study, lease.study_id, populate_existing=True)
+        trial = s.get(Trial, lease.trial_id, populate_existing=True)
+        assert study is not None and trial is not None
+        retry = self._retry_allowed(s, study, trial.id, reason, now)
+        failure: dict[str, Any] = {
+            "failure_reason": reason,
+            "failure_message": message or None,
+            "failure_traceback": traceback,
+        }
+        if step is not None:
+            failure["last_step"] = step
+        if not retry:
+            fin = self._end_trial(s, lease, TrialState.FAILED, now, failure, counter="n_failed")
+        else:
+            won = guarded_update(
+                s,
+                Trial,
+                [Trial.id == trial.id, Trial.state == TrialState.RUNNING, Trial.attempts == lease.attempt],
+                {"state": TrialState.WAITING, "attempts": lease.attempt + 1, "optuna_trial_id": None, **failure},
+            )
+            if not won:
+                raise LeaseLost("the trial is no longer held by this lease")
+            guarded_update(s, Study, [Study.id == study.id], {"n_running": Study.n_running - 1})
+            fin = Finished(study.id, trial.id, trial.number, TrialState.WAITING, trial.optuna_trial_id)
+            fin.retry_attempt = lease.attempt + 1
+            fin.params = dict(trial.params)
+        fin.reason, fin.message = reason, message
+        return fin
+
+    @staticmethod
+    def _retry_allowed(s: Session, study: Study, trial_id: int, reason: str, now: datetime) -> bool:
+        if study.status != StudyStatus.RUNNING or timed_out(study, now):
+            return False
+        if reason in sync.CONSTRAINT_REASONS:
+            return False
+        ended = select(func.count()).where(Lease.trial_id == trial_id)
+        if reason == "preempted":
+            return int(s.scalar(ended.where(Lease.stop_reason == "preempted")) or 0) <= MAX_PREEMPTIONS
+        counted = int(s.scalar(ended.where(Lease.stop_reason.in_(COUNTED_REASONS))) or 0)
+        return counted <= study.max_retries
+
+    @staticmethod
+    def _maybe_complete_study(s: Session, study_id: int, now: datetime) -> None:
+        """running -> completed once the budget is spent and nothing runs or waits for a retry.
+
+        Fresh waiting rows (pre-asked, or enqueued beyond the budget) cannot run any more;
+        the reaper drops them and fails their Optuna trials.
+
+        Called after our counter UPDATE, so we hold the study row lock (PostgreSQL) or
+        the write lock (SQLite) and read the latest counts.
+        """
+        study = s.get(Study, study_id, populate_existing=True)
+        if study is None or study.status != StudyStatus.RUNNING or study.n_running > 0:
+            return
+        if study.n_trials is None or study.n_started < study.n_trials:
+            return
+        waiting = s.scalar(
+            select(Trial.id)
+            .where(Trial.study_id == study_id, Trial.state == TrialState.WAITING, Trial.attempts > 0)
+            .limit(1)
+        )
+        if waiting is None:
+            guarded_update(
+                s,
+                Study,
+                [Study.id == study_id, Study.status == StudyStatus.RUNNING, Study.n_running == 0],
+                {"status": StudyStatus.COMPLETED, "finished_at": now},
+            )
+
+    # ================================================================== Optuna sync
+
+    def sync(self, fin: Finished) -> None:
+        """Apply a committed outcome to Optuna (idempotent; the reaper repairs a crash here)."""
+        need_warm = fin.optuna_trial_id is not None or fin.retry_attempt is not None
+        if not need_warm:
+            return
+        warm = self.warm.get(fin.study_id)
+        if fin.optuna_trial_id is not None:
+            if fin.state == TrialState.COMPLETE and fin.values is not None:
+                sync.tell_complete(warm, fin.optuna_trial_id, fin.values)
+            elif fin.state == TrialState.PRUNED:
+                sync.tell_pruned(warm, fin.optuna_trial_id)
+            elif fin.state in (TrialState.FAILED, TrialState.WAITING):
+                sync.tell_failed(warm, fin.optuna_trial_id, fin.reason or "error", fin.message)
+        if fin.retry_attempt is not None:
+            self.attach_retry(warm, fin.trial_id, fin.number, fin.retry_attempt, fin.optuna_trial_id, fin.params)
+
+    def attach_retry(
+        self, warm: Any, trial_id: int, number: int, attempt: int, previous: int | None, params: dict[str, Any]
+    ) -> bool:
+        new_id = sync.create_retry(
+            warm, tf_number=number, attempt=attempt, previous_optuna_trial_id=previous, params=params
+        )
+
+        def _attach(s: Session) -> int:
+            return guarded_update(
+                s,
+                Trial,
+                [
+                    Trial.id == trial_id,
+                    Trial.state == TrialState.WAITING,
+                    Trial.attempts == attempt,
+                    Trial.optuna_trial_id.is_(None),
+                ],
+                {"optuna_trial_id": new_id},
+            )
+
+        if not self.db.run(_attach):
+            sync.discard(warm, new_id, "retry attached elsewhere or no longer wanted")
+            return False
+        self.buffer.wake()
+        return True
+
+    # ================================================================== helpers
+
+    def _view(self, lease_id: str) -> _LeaseView:
+        with self.db.scope() as s:
+            row = s.execute(
+                select(
+                    Lease.state,
+                    Lease.expires_at,
+                    Lease.stop_reason,
+                    Lease.attempt,
+                    Lease.trial_id,
+                    Lease.study_id,
+                    Trial.optuna_trial_id,
+                    Trial.attempts,
+                    Study.objectives,
+                    Study.directions,
+                )
+                .join(Trial, Trial.id == Lease.trial_id)
+                .join(Study, Study.id == Lease.study_id)
+                .where(Lease.id == lease_id)
+            ).first()
+        if row is None:
+            raise LeaseLost(f"no lease {lease_id!r}: it was never granted, or its study was deleted")
+        optuna_id = row.optuna_trial_id if row.attempts == row.attempt else None
+        return _LeaseView(
+            state=row.state,
+            expires_at=aware(row.expires_at),  # type: ignore[arg-type]
+            stop_reason=row.stop_reason,
+            attempt=row.attempt,
+            trial_id=row.trial_id,
+            study_id=row.study_id,
+            optuna_trial_id=optuna_id,
+            objectives=list(row.objectives or []),
+            directions=[str(d) for d in row.directions],
+        )
+
+
+def _live(lease_id: str, now: datetime) -> list[Any]:
+    return [Lease.id == lease_id, Lease.state == LeaseState.ACTIVE, Lease.expires_at > now]
+
+
+def _lease(s: Session, lease_id: str) -> Lease | None:
+    return s.get(Lease, lease_id, populate_existing=True)
+
+
+def _lost(lease: Lease | None, now: datetime) -> LeaseLost:
+    if lease is None:
+        return LeaseLost("no such lease: it was never granted, or its study was deleted")
+    if lease.state == LeaseState.ACTIVE:
+        return LeaseLost(f"lease expired at {aware(lease.expires_at)}; the trial will be retried or has ended")
+    if lease.state == LeaseState.EXPIRED:
+        return LeaseLost("lease expired; the trial was taken back and retried or ended")
+    return LeaseLost("lease already finished")
+
+
+def _lost_view(view: _LeaseView) -> LeaseLost:
+    if view.state == LeaseState.FINISHED:
+        return LeaseLost("lease already finished")
+    return LeaseLost("lease expired; the trial was taken back and retried or ended")
+
+
+def _objective_values(objectives: list[str], metrics: dict[str, float]) -> list[float]:
+    values: list[float] = []
+    for name in objectives:
+        if name not in metrics:
+            raise Invalid(f"metrics.{name}", f"missing; the study optimises {name!r}")
+        value = float(metrics[name])
+        if not math.isfinite(value):
+            raise Invalid(f"metrics.{name}", "must be a finite number; report a non-finite loss as fail(reason='nan')")
+        values.append(value)
+    return values
+
+
+_SCHEDULERS_LOCK = threading.Lock()
+
+
+def get_scheduler(ctx: ServiceContext) -> Scheduler:
+    """The process's scheduler, kept on the context (built on first use)."""
+    sched = ctx.extras.get("scheduler")
+    if sched is None:
+        with _SCHEDULERS_LOCK:
+            sched = ctx.extras.get("scheduler")
+            if sched is None:
+                sched = ctx.extras["scheduler"] = Scheduler(ctx)
+    assert isinstance(sched, Scheduler)
+    return sched
