@@ -58,7 +58,7 @@ from service.errors import Conflict, Invalid, NotFound
 from service.spec import AnyDimension, CategoricalDimension, IntDimension, StudySpec, choice_key, validation_messages
 from trainer import registry
 from trainer.config import ModelRef, NamedModel, PretrainedModel, TrialConfig
-from trainer.knobs import Hyperparams, catalogue
+from trainer.knobs import Hyperparams
 from trainer.modeling.build import model_depth_and_heads
 from trainer.outcome import ConfigError
 
@@ -192,7 +192,7 @@ class _Space:
             return params[name]
         if name in self.fixed:
             return self.fixed[name]
-        return catalogue()[name].default
+        return Hyperparams.model_fields[name].default
 
     def base_distribution(self, name: str) -> BaseDistribution:
         """The dimension as written, before conditional clipping."""
@@ -606,7 +606,7 @@ def check_params(spec: StudySpec, params: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if name in spec.fixed:
             reason = f"{name} is fixed to {spec.fixed[name]!r} by the study, not searched"
-        elif name in catalogue():
+        elif name in Hyperparams.model_fields:
             reason = f"{name} is not in the study's search space"
         else:
             reason = f"unknown knob; searched knobs: {', '.join(space.order) or 'none'}"
