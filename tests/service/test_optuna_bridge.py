@@ -216,9 +216,8 @@ def test_each_sampler_constructs(minilm_spec_data: SpecData, name: str, cls: typ
     assert type(bridge.make_sampler(StudySpec.model_validate(data), parallel=False)) is cls
 
 
-# cmaes needs the optional `cmaes` package (see the next test); qmc's first sample imports
-# scipy.stats, seconds of a test run for nothing this test would learn
-@pytest.mark.parametrize("name", ["tpe", "random", "grid", "gp", "nsga2"])
+# qmc's first sample imports scipy.stats, seconds of a test run for nothing this test would learn
+@pytest.mark.parametrize("name", ["tpe", "random", "grid", "cmaes", "gp", "nsga2"])
 def test_samplers_run_trials(minilm_spec_data: SpecData, spec_data_root: Path, name: str) -> None:
     data = minilm_spec_data(sampler={"name": name, "seed": 11}, search_space={"epochs": EPOCHS})
     seen = [p["epochs"] for p in run(checked(data, spec_data_root), 3)]
