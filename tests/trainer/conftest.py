@@ -16,6 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and on a CPU shared with other test runs
+# the threads' barrier waits make every step several times slower. Tests that want more
+# threads (the real-MiniLM one) set them themselves.
+torch.set_num_threads(1)
 from trainer_test_helpers import Row, build_tiny_bert, separable_rows, write_csv  # noqa: E402
 
 
