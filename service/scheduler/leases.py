@@ -156,8 +156,8 @@ class Scheduler:
         # Optuna trials this process asked (RUNNING with params): a grant of their row
         # need not check for an enqueued WAITING trial. Set add/discard are atomic.
         self.sampled: set[int] = set()
-        # Retries seen without an Optuna trial by the last reaper pass (reaper.py).
-        self.unattached_seen: set[int] = set()
+        # Retries seen without an Optuna trial by reaper passes, and when first (reaper.py).
+        self.unattached_seen: dict[int, float] = {}
 
     @property
     def lease_timeout(self) -> timedelta:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -208,17 +209,25 @@ def _repair(sched: Scheduler, stats: ReapStats, grace_s: float) -> None:
                 Trial.state == TrialState.WAITING, Trial.attempts > 0, Trial.optuna_trial_id.is_(None)
             )
         ).all()
-    # Retries whose Optuna trial was never created (crash after the failing commit).
-    # Seen twice in a row, so a retry being attached right now is left to its process.
-    seen_before = sched.unattached_seen
-    current = {r.id for r in unattached}
+    # Retries whose Optuna trial was never created (crash after the failing commit). Only
+    # rows seen by an earlier pass at least `grace_s` ago: the process that failed the
+    # attempt attaches its retry within milliseconds, and a duplicate would be discarded.
+    seen = sched.unattached_seen
+    clock = time.monotonic()
     for r in unattached:
-        if r.id in seen_before and sched.attach_retry(
+        first_seen = seen.get(r.id)
+        if first_seen is None:
+            continue
+        if clock - first_seen >= grace_s and sched.attach_retry(
             sched.warm.get(r.study_id), r.id, r.number, r.attempts, None, dict(r.params)
         ):
             stats.repaired += 1
-    seen_before.clear()
-    seen_before.update(current)
+    current = {r.id for r in unattached}
+    for key in list(seen):
+        if key not in current:
+            del seen[key]
+    for key in current:
+        seen.setdefault(key, clock)
 
     for study_id in studies:
         stats.repaired += _sweep_study(sched, study_id, grace_s)

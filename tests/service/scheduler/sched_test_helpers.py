@@ -3,13 +3,16 @@ a conftest is not importable reliably because several folders have one."""
 
 from __future__ import annotations
 
+import io
+import tarfile
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import optuna
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from service.context import ServiceContext
-from service.models import Study, Trial
+from service.models import Lease, LeaseState, Study, Trial
 from service.scheduler import Scheduler
 from trainer.protocol import LeaseGrant, LeaseRequest
 
@@ -62,3 +65,35 @@ def optuna_trials(ctx: ServiceContext, study_id: int) -> dict[int, optuna.trial.
         return {t._trial_id: t for t in storage.get_all_trials(optuna_id)}
     finally:
         storage.engine.dispose()
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    """An uncompressed tar holding `files` (name -> content)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def upload(sched: Scheduler, lease_id: str, step: int, files: dict[str, bytes] | None = None) -> None:
+    """Upload a checkpoint the way the route does: begin, write chunks, commit."""
+    data = tar_bytes(files or {"model.safetensors": b"w" * 3000, "state.json": b'{"step": %d}' % step})
+    up = sched.checkpoints.begin_upload(lease_id, step)
+    try:
+        for i in range(0, len(data), 1024):
+            up.write(data[i : i + 1024])
+        up.commit()
+    finally:
+        up.abort()
+
+
+def expire(ctx: ServiceContext, lease_id: str | None = None) -> None:
+    """Move one lease's (or every active lease's) expiry into the past."""
+    q = update(Lease).values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    if lease_id is not None:
+        q = q.where(Lease.id == lease_id)
+    with ctx.db.scope() as s:
+        s.execute(q.where(Lease.state == LeaseState.ACTIVE))

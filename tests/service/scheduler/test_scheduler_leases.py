@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import optuna
 import pytest
-from sched_test_helpers import must_grant, optuna_trials, req, study_row, trial_row
-from sqlalchemy import func, select, update
+from sched_test_helpers import expire, must_grant, optuna_trials, req, study_row, trial_row
+from sqlalchemy import func, select
 
 from service import studies
 from service.auth import Principal
@@ -17,7 +16,6 @@ from service.context import ServiceContext
 from service.errors import Conflict, Invalid, LeaseLost
 from service.models import Lease, LeaseState, StudyStatus, TrialReport, TrialState
 from service.scheduler import Scheduler
-from service.scheduler._sql import utcnow
 from trainer.protocol import CompleteRequest, FailRequest, HeartbeatRequest, ReportRequest
 
 OptunaState = optuna.trial.TrialState
@@ -25,11 +23,6 @@ OptunaState = optuna.trial.TrialState
 
 def done(acc: float = 0.8, step: int = 10) -> CompleteRequest:
     return CompleteRequest(metrics={"accuracy": acc, "loss": 1 - acc, "f1_macro": acc}, step=step, duration_s=1.5)
-
-
-def expire(ctx: ServiceContext, lease_id: str) -> None:
-    with ctx.db.scope() as s:
-        s.execute(update(Lease).where(Lease.id == lease_id).values(expires_at=utcnow() - timedelta(seconds=1)))
 
 
 def test_grant_starts_a_trial(ctx: ServiceContext, sched: Scheduler, make_study: Callable[..., int], check_counters):
