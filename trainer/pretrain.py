@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import BuiltinModel
 from trainer.knobs import Hyperparams
 from trainer.outcome import ConfigError
 
@@ -100,10 +99,10 @@ def pretrain_mlm(
     from transformers import get_scheduler
 
     from trainer.modeling import builtin
-    from trainer.modeling.build import tokenizer_dir, tokenizer_from
+    from trainer.modeling.build import builtin_tokenizer_dir, tokenizer_from
 
     texts = read_lines(text_path)
-    tok = tokenizer_from(tokenizer_dir(BuiltinModel(tokenizer=tokenizer)))
+    tok = tokenizer_from(builtin_tokenizer_dir(tokenizer))
     if tok.mask_token_id is None or tok.pad_token_id is None:
         raise ConfigError("tokenizer: MLM pretraining needs a tokenizer with a mask token and a pad token")
     encoded: list[list[int]] = tok(texts, truncation=True, max_length=hparams.max_seq_len)["input_ids"]
@@ -118,7 +117,8 @@ def pretrain_mlm(
     generator = torch.Generator().manual_seed(seed)  # data order and masking, independent of the device
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = builtin.config_from_hparams(hparams, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
-    model = builtin.TuneForgeEncoderForMaskedLM(config).to(device)
+    model = builtin.TuneForgeEncoderForMaskedLM(config)
+    model.to(device)  # type: ignore[arg-type]  # transformers types its .to wrapper wrongly
     model.train()
 
     steps_per_epoch = math.ceil(len(encoded) / hparams.batch_size)

@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from trainer import registry
 from trainer.config import BuiltinModel, ModelRef, NamedModel, PretrainedModel, TrialConfig
@@ -72,20 +72,26 @@ def tokenizer_dir(ref: ModelRef) -> Path:
     """
     if not isinstance(ref, BuiltinModel):
         return model_dir(ref)
-    if ref.tokenizer is not None:
-        folder = Path(ref.tokenizer)
+    return builtin_tokenizer_dir(ref.tokenizer, ref.checkpoint)
+
+
+def builtin_tokenizer_dir(tokenizer: str | None, checkpoint: str | None = None) -> Path:
+    """The built-in model's tokenizer: `tokenizer` (a folder, else a registry name), else the one
+    saved with `checkpoint`, else the packaged MiniLM one. Also used by pretraining."""
+    if tokenizer is not None:
+        folder = Path(tokenizer)
         if folder.is_dir():
             if not _has_tokenizer(folder):
-                raise ConfigError(f"model.tokenizer: {ref.tokenizer!r} holds no tokenizer files")
+                raise ConfigError(f"model.tokenizer: {tokenizer!r} holds no tokenizer files")
             return folder
-        if ref.tokenizer in registry.MODELS:
-            return _named_dir(ref.tokenizer, "model.tokenizer")
+        if tokenizer in registry.MODELS:
+            return _named_dir(tokenizer, "model.tokenizer")
         raise ConfigError(
-            f"model.tokenizer: {ref.tokenizer!r} is neither a folder nor a known model name "
+            f"model.tokenizer: {tokenizer!r} is neither a folder nor a known model name "
             f"({', '.join(sorted(registry.MODELS))})"
         )
-    if ref.checkpoint is not None:
-        folder = _model_dir(ref.checkpoint, "model.checkpoint")
+    if checkpoint is not None:
+        folder = _model_dir(checkpoint, "model.checkpoint")
         if _has_tokenizer(folder):
             return folder
     return _named_dir(DEFAULT_TOKENIZER_MODEL, "model.tokenizer")
@@ -240,7 +246,7 @@ def export_model(built: BuiltModel, out_dir: Path, id2label: dict[int, str]) -> 
     """
     from trainer.modeling import surgery
 
-    model = getattr(built.model, "_orig_mod", built.model)  # unwrap torch.compile
+    model = cast("PreTrainedModel", getattr(built.model, "_orig_mod", built.model))  # unwrap torch.compile
     if surgery.is_pruned(model):
         model = copy.deepcopy(model)
         surgery.restore_pruned_heads(model)
@@ -281,6 +287,7 @@ def model_depth_and_heads(model_ref: ModelRef) -> tuple[int, int, int] | None:
 __all__ = [
     "BuiltModel",
     "build_model",
+    "builtin_tokenizer_dir",
     "export_model",
     "load_tokenizer",
     "model_depth_and_heads",

@@ -190,7 +190,9 @@ class TuneForgeEncoderModel(TuneForgeEncoderPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        if not isinstance(value, nn.Embedding):
+            raise TypeError(f"input embeddings must be an nn.Embedding, got {type(value).__name__}")
         self.embeddings.word_embeddings = value
 
     def forward(
@@ -219,11 +221,11 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
 class TuneForgeEncoderForSequenceClassification(TuneForgeEncoderPreTrainedModel):
     def __init__(self, config: TuneForgeEncoderConfig) -> None:
         super().__init__(config)
-        self.num_labels = config.num_labels
+        self.num_labels = config.num_labels if config.num_labels is not None else 2
         self.encoder = TuneForgeEncoderModel(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = nn.Linear(config.hidden_size, self.num_labels)
         self.post_init()
 
     def forward(
