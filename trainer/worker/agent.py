@@ -49,7 +49,7 @@ from trainer.protocol import (
     LeaseRequest,
     ReportRequest,
 )
-from trainer.worker.archive import UnsafeArchive, unpack
+from trainer.worker.archive import UnsafeArchive, pack, unpack
 from trainer.worker.slots import Slot, SlotDied, SlotOutcome, SlotSpec, TrialJob
 
 log = logging.getLogger("tuneforge.worker")
@@ -274,16 +274,25 @@ class Ending:
     traceback: str | None = None
     note: str = ""
     """Extra words for the log line (slot gap)."""
+    export_dir: Path | None = None
+    """A complete trial's exported model, uploaded as its final checkpoint after `complete`."""
 
     @classmethod
     def from_outcome(cls, outcome: SlotOutcome, trial: RunningTrial) -> Ending:
         if outcome.state in ("complete", "pruned"):
-            return cls(outcome.state, outcome.step, outcome.duration_s, dict(outcome.metrics))
+            return cls(
+                outcome.state, outcome.step, outcome.duration_s, dict(outcome.metrics), export_dir=outcome.export_dir
+            )
         reason = _failure_reason(outcome.reason, trial.stop_reason)
         message = outcome.message
         if trial.stop_reason not in (None, "timeout", "preempted", "lost"):
             message = f"{message} (stopped by the server: {trial.stop_reason})".strip()
         return cls("failed", outcome.step, outcome.duration_s, {}, reason, message, outcome.traceback)
+
+
+# Heartbeat stop reasons the agent reads as its own: the scheduler's trial timeout is a
+# timeout failure; a lease the server already finished is a lost lease (nothing to send).
+_SERVER_STOP_REASONS = {"trial timeout": "timeout", "trial finished": "lost", "trial pruned": "lost"}
 
 
 def _failure_reason(reported: str | None, stop_reason: str | None) -> FailureReason:
@@ -534,7 +543,10 @@ class _Events:
             return False
         except ClientError as exc:
             if not is_lease_lost(exc):
-                raise
+                # A report the server cannot use (e.g. the objective's metric is missing) is
+                # its answer, not a reason to stop training: the final result may still count.
+                log.error("server refused the report of %s at step %d: %s", trial.label(), step, exc)
+                return False
             log.warning("lease of %s lost (%s); stopping the trial", trial.label(), exc)
             trial.lost = True
             self.runner.stop_trial("lost", trial.lease_id)
@@ -638,6 +650,8 @@ class Agent:
             if not runner.uploader.flush(trial.lease_id, timeout_s=600):
                 log.warning("checkpoint upload for %s still running at its end", trial.label())
             answered = self._send_end(trial, ending)
+            if answered and ending.kind == "complete" and ending.export_dir is not None:
+                self._upload_export(trial, ending)
         finally:
             self.release(trial)
             shutil.rmtree(work, ignore_errors=True)
@@ -663,10 +677,31 @@ class Agent:
                 ending.message[:300],
             )
 
+    def _upload_export(self, trial: RunningTrial, ending: Ending) -> None:
+        """The final model of a complete trial, kept by the server as the trial's checkpoint.
+        Sent after `complete`, so the result never waits for (or depends on) a large upload."""
+        assert ending.export_dir is not None
+        work = (self.options.work_dir / f"lease-{trial.lease_id}").resolve()
+        client = self.client_factory()
+        try:
+            archive = pack(ending.export_dir, work / "final.tar")
+            step = ending.step or 0
+            retry_until_answered(
+                lambda: client.upload_checkpoint(trial.lease_id, archive, step),
+                f"the model of {trial.label()}",
+                self.cold,
+            )
+        except (ServerUnavailable, ClientError, OSError) as exc:
+            log.warning("final model of %s not uploaded: %s", trial.label(), exc)
+        finally:
+            client.close()
+
     def _send_end(self, trial: RunningTrial, ending: Ending) -> bool:
         """Send until the server answers; False when the lease is gone (or a cold shutdown gave up)."""
         if trial.lost or trial.stop_reason == "lost":
             return False
+        if ending.kind == "pruned":
+            return True  # the report answered prune=True and ended the lease (and the Optuna trial) already
         client = self.client_factory()
         call: Callable[[], object]
         if ending.kind == "failed":
@@ -676,8 +711,6 @@ class Agent:
             )
             call = lambda: client.fail(trial.lease_id, request)  # noqa: E731
         else:
-            # A pruned trial's report already told Optuna (the answer said prune); its lease
-            # ends with complete like a finished one, and the scheduler keeps it PRUNED.
             done = CompleteRequest(metrics=_finite(ending.metrics), step=ending.step or 0, duration_s=ending.duration_s)
             call = lambda: client.complete(trial.lease_id, done)  # noqa: E731
         try:
@@ -828,7 +861,7 @@ class Agent:
                     continue
                 if answer.stop:
                     log.info("server stops %s: %s", trial.label(), answer.reason)
-                    self._stop(trial, answer.reason or "stopped by the server")
+                    self._stop(trial, _SERVER_STOP_REASONS.get(answer.reason or "", answer.reason or "server"))
             self.cold.wait(0.2)
 
     def _stop(self, trial: RunningTrial, reason: str) -> None:
