@@ -60,6 +60,25 @@ def free_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Cut an exception (and its causes) loose from the frames it was raised through.
+
+    Those frames hold the model, optimizer state and activations; whoever keeps the
+    exception object (a log record, a caller) would otherwise keep all of it alive.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            tb.clear_frames(e.__traceback__)
+            e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -96,9 +115,7 @@ def run_trial(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialO
             traceback=tb.format_exc(),
             error_type=type(exc).__name__,
         )
-        # The traceback's frames hold the model, optimizer state and activations alive;
-        # clearing their locals lets free_memory() actually release them.
-        tb.clear_frames(exc.__traceback__)
+        _drop_tracebacks(exc)
         if not oom:
             log.error("trial failed: %s", outcome.message)
     # Outside the except block: Python has dropped `exc` and its traceback by now.
