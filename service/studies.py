@@ -413,7 +413,12 @@ def enqueue(
             for (trial_id, number), params in zip(made, checked, strict=True):
                 s.add(Trial(study_id=study_id, number=number, optuna_trial_id=trial_id, params=params))
 
-        ctx.db.run(_insert)
+        try:
+            ctx.db.run(_insert)
+        except IntegrityError as exc:
+            # Trial numbers come from Optuna and are unique there, so this is a row that
+            # was written without Optuna knowing: report it rather than hide it.
+            raise Conflict(f"study {study_id}: trial numbers {[n for _, n in made]} exist already") from exc
         done = True
     finally:
         if not done:

@@ -6,7 +6,8 @@ a live server.
   copy of a template upgraded once per session, so a test does not pay for migrations.
 - `settings`: `Settings` on `upgraded_db_url`, data_roots=[tmp data dir], home=tmp.
 - `ctx`: a `ServiceContext` for calling service functions directly.
-- `app` / `client`: `create_app(settings)` and a TestClient around it (lifespan run).
+- `app` / `client`: `create_app(settings)` and a TestClient around it (lifespan run);
+  `app_hooks` picks its lifespan hooks (override with `[]` for no background work).
 - `admin_token`, `user_token`, `other_token`, `worker_token` (plaintext) and the
   matching `*_headers` dicts. `user_token` and `other_token` belong to different owners.
 - `live_server`: a real uvicorn server in a thread on a free port; its base URL.
@@ -21,6 +22,7 @@ skip, except under CI=true, where they fail: CI must never pass by skipping them
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import socket
 import threading
@@ -28,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -116,13 +119,73 @@ def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+class _PgPool:
+    """Databases cloned from the template ahead of time by one background thread and
+    dropped by another: creating or dropping a PostgreSQL database costs about half a
+    second to a second (fsync), which then overlaps with the tests instead of adding up."""
+
+    def __init__(self, admin: _PgAdmin, template: str, ahead: int = 2) -> None:
+        self.admin = admin
+        self.template = template
+        self.to_create: queue.Queue[str | None] = queue.Queue()
+        self.to_drop: queue.Queue[str | None] = queue.Queue()
+        self.ready: queue.Queue[str | BaseException] = queue.Queue()
+        self.threads = [
+            threading.Thread(target=self._creator, name="pg-test-db-create", daemon=True),
+            threading.Thread(target=self._dropper, name="pg-test-db-drop", daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+        for _ in range(ahead):
+            self.to_create.put(_fresh_name("test"))
+
+    def _creator(self) -> None:
+        while (name := self.to_create.get()) is not None:
+            try:
+                self.admin.create(name, template=self.template)
+                self.ready.put(name)
+            except sa.exc.DBAPIError as exc:  # handed to the test that waits for this database
+                self.ready.put(exc)
+
+    def _dropper(self) -> None:
+        while (name := self.to_drop.get()) is not None:
+            try:
+                self.admin.drop(name)
+            except sa.exc.DBAPIError as exc:
+                print(f"could not drop test database {name}: {exc}")
+
+    def take(self) -> str:
+        self.to_create.put(_fresh_name("test"))  # keep the pool topped up
+        got = self.ready.get(timeout=120)
+        if isinstance(got, BaseException):
+            raise got
+        return self.admin.url.set(database=got).render_as_string(hide_password=False)
+
+    def give_back(self, url: str) -> None:
+        name = make_url(url).database
+        assert name is not None
+        self.to_drop.put(name)
+
+    def close(self) -> None:
+        self.to_create.put(None)
+        self.threads[0].join(timeout=120)
+        while not self.ready.empty():
+            got = self.ready.get()
+            if isinstance(got, str):
+                self.to_drop.put(got)
+        self.to_drop.put(None)
+        self.threads[1].join(timeout=300)
+
+
 @pytest.fixture(scope="session")
-def _pg_template(pg_admin: _PgAdmin) -> Iterator[str]:
-    name = _fresh_name("tmpl")
-    url = pg_admin.create(name)
+def _pg_pool(pg_admin: _PgAdmin) -> Iterator[_PgPool]:
+    template = _fresh_name("tmpl")
+    url = pg_admin.create(template)
     upgrade(Settings(database_url=url))  # disposes its engines: the template has no sessions left
-    yield name
-    pg_admin.drop(name)
+    pool = _PgPool(pg_admin, template)
+    yield pool
+    pool.close()
+    pg_admin.drop(template)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -133,12 +196,10 @@ def upgraded_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         shutil.copyfile(request.getfixturevalue("_sqlite_template"), path)
         yield f"sqlite:///{path}"
         return
-    admin: _PgAdmin = request.getfixturevalue("pg_admin")
-    template = request.getfixturevalue("_pg_template")
-    name = _fresh_name("test")
-    url = admin.create(name, template=template)
+    pool: _PgPool = request.getfixturevalue("_pg_pool")
+    url = pool.take()
     yield url
-    admin.drop(name)
+    pool.give_back(url)
 
 
 @pytest.fixture
@@ -168,10 +229,18 @@ def ctx(settings: Settings) -> Iterator[ServiceContext]:
 
 
 @pytest.fixture
-def app(settings: Settings, ctx: ServiceContext):  # type: ignore[no-untyped-def]
+def app_hooks() -> list[Any] | None:
+    """Lifespan hooks of the `app` fixture: None means the app's own (`LIFESPAN_HOOKS`, e.g.
+    the scheduler's background filler). Override it in a test module with `[]` for an app
+    with no background work, where a test counts rows."""
+    return None
+
+
+@pytest.fixture
+def app(settings: Settings, ctx: ServiceContext, app_hooks: list[Any] | None):  # type: ignore[no-untyped-def]
     from service.api.app import create_app
 
-    return create_app(settings, context=ctx)
+    return create_app(settings, context=ctx, lifespan_hooks=app_hooks)
 
 
 @pytest.fixture

@@ -1,0 +1,277 @@
+"""Bad input never gets a 500, always names the field and the reason, and changes nothing.
+
+Every case runs on SQLite and PostgreSQL and compares the rows of tf_* and Optuna's
+tables before and after the rejected request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from api_test_helpers import API, create, params
+from fastapi.testclient import TestClient
+
+Spec = Callable[..., dict[str, Any]]
+Counts = Callable[[], dict[str, int]]
+
+
+@pytest.fixture
+def unchanged(row_counts: Counts, user_headers: dict[str, str], other_headers: dict[str, str]) -> Iterator[None]:
+    """Assert that the test's requests left every counted table as it was (tokens made first)."""
+    before = row_counts()
+    yield
+    assert row_counts() == before
+
+
+def problems(response: httpx.Response, status: int) -> list[tuple[str | None, str]]:
+    assert response.status_code == status, response.text
+    items = response.json()["detail"]
+    assert items and all(set(item) == {"field", "reason"} and item["reason"] for item in items)
+    return [(item["field"], item["reason"]) for item in items]
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    node = data
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return data
+
+
+# (id, change to a valid spec, field the 422 must name, words the reason must contain)
+SPEC_CASES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]], str, str]] = [
+    ("unknown top-level field", lambda d: {**d, "colour": "blue"}, "colour", "unknown field"),
+    (
+        "unknown nested field",
+        lambda d: _set(d, "search_space.learning_rate.lo", 1e-5),
+        "search_space.learning_rate.lo",
+        "unknown field",
+    ),
+    ("wrong type", lambda d: _set(d, "budget.n_trials", "ten"), "budget.n_trials", "integer"),
+    ("wrong type of section", lambda d: {**d, "search_space": [1, 2]}, "search_space", "dictionary"),
+    ("low >= high", lambda d: _set(d, "search_space.num_layers.low", 7), "search_space.num_layers", ""),
+    (
+        "log range with low <= 0",
+        lambda d: _set(d, "search_space.learning_rate.low", 0),
+        "search_space.learning_rate.low",
+        "log",
+    ),
+    (
+        "unknown knob",
+        lambda d: _set(d, "search_space.warp_factor", {"type": "int", "low": 1, "high": 9}),
+        "search_space.warp_factor",
+        "unknown",
+    ),
+    ("unknown sampler", lambda d: _set(d, "sampler.name", "annealing"), "sampler.name", ""),
+    ("unknown pruner", lambda d: _set(d, "pruner.name", "guillotine"), "pruner.name", ""),
+    (
+        "empty choices",
+        lambda d: _set(d, "search_space.batch_size.choices", []),
+        "search_space.batch_size.choices",
+        "at least 1",
+    ),
+    ("n_trials = 0", lambda d: _set(d, "budget.n_trials", 0), "budget.n_trials", "greater than or equal to 1"),
+    ("n_trials < 0", lambda d: _set(d, "budget.n_trials", -3), "budget.n_trials", "greater than or equal to 1"),
+    ("unknown model name", lambda d: _set(d, "model.name", "gpt-17"), "model.name", "unknown"),
+    ("missing name", lambda d: {k: v for k, v in d.items() if k != "name"}, "name", "required"),
+]
+
+
+@pytest.mark.parametrize(("change", "field", "words"), [c[1:] for c in SPEC_CASES], ids=[c[0] for c in SPEC_CASES])
+def test_bad_spec_is_422_naming_the_field(
+    client: TestClient,
+    user_headers: dict[str, str],
+    minilm_spec_data: Spec,
+    unchanged: None,
+    change: Callable[[dict[str, Any]], dict[str, Any]],
+    field: str,
+    words: str,
+) -> None:
+    items = problems(client.post(API, json=change(minilm_spec_data()), headers=user_headers), 422)
+    named = [(f, r) for f, r in items if f == field or (f or "").startswith(field + ".")]
+    assert named, items
+    assert words.lower() in named[0][1].lower(), items
+
+
+def test_malformed_json_is_422_saying_where(client: TestClient, user_headers: dict[str, str], unchanged: None) -> None:
+    headers = {**user_headers, "Content-Type": "application/json"}
+    [(field, reason)] = problems(client.post(API, content=b'{"name": "x",', headers=headers), 422)
+    assert field == "body" and "malformed JSON" in reason
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"a string"', b""], ids=["array", "string", "empty"])
+def test_a_body_that_is_not_an_object_is_422(
+    client: TestClient, user_headers: dict[str, str], unchanged: None, body: bytes
+) -> None:
+    headers = {**user_headers, "Content-Type": "application/json"}
+    [(field, _reason)] = problems(client.post(API, content=body, headers=headers), 422)
+    assert field == "body"
+
+
+@pytest.fixture
+def outside(tmp_path: Path, data_root: Path) -> Path:
+    secret = tmp_path / "outside" / "secret.csv"
+    secret.parent.mkdir()
+    secret.write_text("text,label\nx,1\n", encoding="utf-8")
+    os.symlink(secret, data_root / "link.csv")
+    return secret
+
+
+@pytest.mark.parametrize(
+    "train",
+    ["../outside/secret.csv", "ABSOLUTE", "link.csv", "/etc/passwd"],
+    ids=["dot-dot", "absolute", "symlink-out", "etc-passwd"],
+)
+def test_a_path_outside_the_data_roots_is_refused(
+    client: TestClient,
+    user_headers: dict[str, str],
+    minilm_spec_data: Spec,
+    outside: Path,
+    unchanged: None,
+    train: str,
+) -> None:
+    train = str(outside) if train == "ABSOLUTE" else train
+    spec = minilm_spec_data(dataset={"kind": "files", "train": train})
+    [(field, reason)] = problems(client.post(API, json=spec, headers=user_headers), 422)
+    assert field == "dataset.train" and "outside the data roots" in reason
+
+
+def test_missing_token_is_401_with_www_authenticate(
+    client: TestClient, minilm_spec_data: Spec, unchanged: None
+) -> None:
+    r = client.post(API, json=minilm_spec_data())
+    [(field, reason)] = problems(r, 401)
+    assert field == "authorization" and "bearer" in reason.lower()
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Bearer tf_not-a-real-token", "Bearer something-else", "Basic dXNlcjpwYXNz", "tf_no-scheme"],
+    ids=["unknown", "no-prefix", "basic", "no-scheme"],
+)
+def test_wrong_token_is_401(client: TestClient, minilm_spec_data: Spec, unchanged: None, header: str) -> None:
+    r = client.post(API, json=minilm_spec_data(), headers={"Authorization": header})
+    [(field, _)] = problems(r, 401)
+    assert field == "authorization"
+    assert client.get(API, headers={"Authorization": header}).status_code == 401
+
+
+def test_another_users_study_is_404_everywhere(
+    client: TestClient,
+    user_headers: dict[str, str],
+    other_headers: dict[str, str],
+    minilm_spec_data: Spec,
+    row_counts: Counts,
+) -> None:
+    theirs = create(client, other_headers, minilm_spec_data())
+    before = row_counts()
+    base = f"{API}/{theirs['id']}"
+    for method, path, body in [
+        ("GET", base, None),
+        ("POST", f"{base}/cancel", None),
+        ("DELETE", base, None),
+        ("GET", f"{base}/best", None),
+        ("GET", f"{base}/trials", None),
+        ("GET", f"{base}/trials/0", None),
+        ("POST", f"{base}/enqueue", {"configurations": [params(1e-4)]}),
+    ]:
+        r = client.request(method, path, json=body, headers=user_headers)
+        [(field, reason)] = problems(r, 404)
+        assert field == "study_id" and "not found" in reason, (method, path)
+    assert row_counts() == before
+    # ...and it is still there for its owner
+    assert client.get(base, headers=other_headers).json()["status"] == "running"
+
+
+def test_unknown_study_id_is_404(client: TestClient, user_headers: dict[str, str], unchanged: None) -> None:
+    [(field, _)] = problems(client.get(f"{API}/999", headers=user_headers), 404)
+    assert field == "study_id"
+    [(field, _)] = problems(client.get(f"{API}/not-a-number", headers=user_headers), 422)
+    assert field == "study_id"
+
+
+def test_duplicate_name_is_409(
+    client: TestClient, user_headers: dict[str, str], minilm_spec_data: Spec, row_counts: Counts
+) -> None:
+    create(client, user_headers, minilm_spec_data())
+    before = row_counts()
+    [(field, reason)] = problems(client.post(API, json=minilm_spec_data(), headers=user_headers), 409)
+    assert field == "name" and "already" in reason
+    assert row_counts() == before
+
+
+def test_body_over_the_limit_is_413(
+    client: TestClient, user_headers: dict[str, str], minilm_spec_data: Spec, unchanged: None
+) -> None:
+    spec = minilm_spec_data(description="x" * 1_100_000)
+    [(field, reason)] = problems(client.post(API, json=spec, headers=user_headers), 413)
+    assert field == "body" and "larger than" in reason
+
+
+def test_streamed_body_over_the_limit_is_413(client: TestClient, user_headers: dict[str, str], unchanged: None) -> None:
+    """A chunked body declares no length: the bytes are counted as they arrive."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"name": "x", "description": "'
+        for _ in range(120):
+            yield b"y" * 10_000
+        yield b'"}'
+
+    headers = {**user_headers, "Content-Type": "application/json"}
+    r = client.post(API, content=chunks(), headers=headers)
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    [(field, _)] = problems(r, 413)
+    assert field == "body"
+
+
+def test_bad_enqueue_names_the_configuration_and_knob(
+    client: TestClient, user_headers: dict[str, str], minilm_spec_data: Spec, row_counts: Counts
+) -> None:
+    study = create(client, user_headers, minilm_spec_data())
+    before = row_counts()
+    url = f"{API}/{study['id']}/enqueue"
+    cases = [
+        ({"configurations": [params(1e-4), params(1e-4, depth=5)]}, "configurations.1.unfreeze_depth", "cannot exceed"),
+        ({"configurations": [{**params(1e-4), "warp": 1}]}, "configurations.0.warp", "unknown knob"),
+        ({"configurations": [params(5.0)]}, "configurations.0.learning_rate", "not in"),
+        ({"configurations": []}, "configurations", "at least 1"),
+        ({"configs": [params(1e-4)]}, "configs", "unknown field"),
+    ]
+    for body, field, words in cases:
+        items = problems(client.post(url, json=body, headers=user_headers), 422)
+        assert any(f == field and words in r for f, r in items), (body, items)
+    assert row_counts() == before
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "field"),
+    [
+        ("", {"limit": 0}, "limit"),
+        ("", {"limit": 1000}, "limit"),
+        ("", {"offset": -1}, "offset"),
+        ("", {"status": "sleeping"}, "status"),
+        ("/1/trials", {"sort": "colour"}, "sort"),
+        ("/1/trials", {"state": "bored"}, "state"),
+        ("/1/trials", {"order": "up"}, "order"),
+    ],
+)
+def test_bad_query_parameters_are_422(
+    client: TestClient, user_headers: dict[str, str], path: str, query: dict[str, Any], field: str
+) -> None:
+    [(named, _)] = problems(client.get(f"{API}{path}", params=query, headers=user_headers), 422)
+    assert named == field
+
+
+def test_worker_token_is_403_on_user_endpoints(
+    client: TestClient, worker_headers: dict[str, str], minilm_spec_data: Spec, unchanged: None
+) -> None:
+    for method, path, body in [("POST", API, minilm_spec_data()), ("GET", API, None), ("GET", f"{API}/1", None)]:
+        [(field, reason)] = problems(client.request(method, path, json=body, headers=worker_headers), 403)
+        assert field == "authorization" and "worker" in reason
