@@ -79,6 +79,7 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
         field = field or "authorization"
     elif isinstance(exc, Unavailable):
         log.warning("unavailable: %s", exc.message)
+        reason = " ".join(reason.split())  # driver messages span lines
         headers = {"Retry-After": "5"}
     return problem(status, [(field, reason)], headers)
 

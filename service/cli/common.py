@@ -41,7 +41,8 @@ DEFAULT_SERVER_URL = DEFAULT_SERVER
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     # typer.echo, not Rich: Rich would wrap a long message over several lines.
-    typer.echo(f"error: {message}", err=True)
+    # One line even when a driver's message spans several.
+    typer.echo("error: " + " ".join(message.split()), err=True)
     raise typer.Exit(code)
 
 

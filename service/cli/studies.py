@@ -59,19 +59,18 @@ def list_(
     """Your studies, newest first."""
     with make_client(server, token) as client:
         page = client.list_studies(status=status, limit=limit, offset=offset)
-    table = Table("id", "name", "owner", "status", "complete", "running", "pruned", "failed", "budget", "best")
+    table = Table("id", "status", "trials", "running", "best", "owner")
+    table.add_column("name", no_wrap=True)  # last, so a narrow terminal cuts the name, not the numbers
     for s in page["data"]:
+        done = s["n_complete"] + s["n_pruned"] + s["n_failed"]
         table.add_row(
             str(s["id"]),
-            s["name"],
-            s["owner"],
             s["status"],
-            str(s["n_complete"]),
+            f"{done}/{s['n_trials'] if s['n_trials'] is not None else '-'}",
             str(s["n_running"]),
-            str(s["n_pruned"]),
-            str(s["n_failed"]),
-            as_text(s["n_trials"]),
             as_text(s["best_value"]),
+            s["owner"],
+            s["name"],
         )
     console.print(table)
     shown = len(page["data"])
