@@ -315,6 +315,7 @@ def _run_one(conn: Connection, stop: Event, spec: SlotSpec, job: TrialJob) -> Sl
 
     first_step_at: float | None = None
     last_step_sent = 0.0
+    packed = 0
 
     def report(step: int, metrics: Metrics) -> bool:
         # Blocks the training loop until the server's pruning decision is back; that is
@@ -326,7 +327,9 @@ def _run_one(conn: Connection, stop: Event, spec: SlotSpec, job: TrialJob) -> Sl
     def on_checkpoint(folder: Path, step: int) -> None:
         # Packed here, synchronously, because the trainer may overwrite the folder at its
         # next checkpoint; the agent uploads the archive while training goes on.
-        archive = pack(folder, job.upload_dir / f"step-{step:09d}.tar")
+        nonlocal packed
+        packed += 1  # a stop right after an evaluation checkpoints the same step twice
+        archive = pack(folder, job.upload_dir / f"step-{step:09d}-{packed}.tar")
         conn.send(("checkpoint", str(archive), step))
 
     def on_step(step: int, total: int) -> None:
