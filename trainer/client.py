@@ -191,6 +191,19 @@ class TuneForgeClient:
         result: dict[str, Any] = self.request("GET", "/readyz")
         return result
 
+    def wait_ready(self, timeout: float, interval: float = 0.5) -> None:
+        """Poll /readyz until the server and its database answer; `ServerUnavailable` after
+        `timeout` seconds. For scripts that start a server and use it straight away."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.ready()
+                return
+            except ServerUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(interval)
+
     # ------------------------------------------------------------------ studies
 
     def create_study(self, spec: dict[str, Any]) -> dict[str, Any]:

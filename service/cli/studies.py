@@ -32,6 +32,9 @@ STATES = ("waiting", "running", "complete", "pruned", "failed")
 @handle_errors
 def submit(
     file: Annotated[Path, typer.Argument(help="Study spec, YAML or JSON.")],
+    wait: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for a server that is still starting.")
+    ] = 0,
     server: ServerOpt = DEFAULT_SERVER_URL,
     token: TokenOpt = None,
 ) -> None:
@@ -41,6 +44,8 @@ def submit(
     except ValidationError as exc:
         fail(_one_line(list(validation_messages(exc))))
     with make_client(server, token) as client:
+        if wait:
+            client.wait_ready(wait)
         study = client.create_study(spec.model_dump(mode="json", exclude_unset=True))
     warm = f", {study['warm_started']} warm-start trials queued" if study.get("warm_started") else ""
     typer.echo(f"submitted study {study['id']} {study['name']!r}{warm}")
