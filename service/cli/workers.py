@@ -46,7 +46,7 @@ WORKER_TOKEN_ENV = "TUNEFORGE_WORKER_TOKEN"
 WORKER_TOKEN_FILE = "worker-token"
 EXIT_STUDY_NOT_COMPLETED = 1
 
-console = Console()
+console = Console(soft_wrap=True)  # plain lines stay whole in logs and pipes
 
 
 def _home() -> Path:
