@@ -39,7 +39,9 @@ class Hyperparams(BaseModel):
     )
     num_heads: int | None = Field(
         None, ge=1, le=128,
-        description="Attention heads per layer: pruned from a pretrained model, built for the built-in one; null keeps all.",
+        description=(
+            "Attention heads per layer: pruned from a pretrained model, built for the built-in one; null keeps all."
+        ),
     )
     unfreeze_depth: UnfreezeDepth = Field(
         "all",
@@ -102,7 +104,7 @@ class Knob:
     def in_range(self, x: float) -> bool:
         if self.low is not None and (x < self.low or (x == self.low and not self.low_inclusive)):
             return False
-        if self.high is not None and (x > self.high or (x == self.high and not self.high_inclusive)):
+        if self.high is not None and (x > self.high or (x == self.high and not self.high_inclusive)):  # noqa: SIM103
             return False
         return True
 
