@@ -213,6 +213,7 @@ def test_sigterm_is_warm_then_cold(api: TuneForgeClient, make_spec, spawn_agent,
     assert api.get_study(study["id"])["status"] == "completed"
 
 
+@SQLITE_ONLY
 def test_cancelling_a_study_stops_its_running_trial(
     api: TuneForgeClient, make_spec, run_agent, lease_timeout: float
 ) -> None:

@@ -147,6 +147,22 @@ class TrialView:
     elapsed_s: float
 
 
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as a slot of this agent ran it (benchmarks, tests). Times are time.monotonic."""
+
+    slot: str
+    study_id: int
+    trial_number: int
+    attempt: int
+    state: str
+    step: int | None
+    first_step_at: float | None
+    ended_at: float
+    gap_s: float | None
+    """From the slot's previous trial end to this trial's first optimizer step."""
+
+
 class RunningTrial:
     """One lease held by this agent, from grant until the server took its end."""
 
@@ -325,8 +341,7 @@ class SlotRunner:
         self.client = agent.client_factory()
         self.current: RunningTrial | None = None
         self.last_end: float | None = None
-        self.gaps: list[float] = []
-        """Seconds from one trial's end to the next trial's first optimizer step on this slot."""
+        self.records: list[TrialRecord] = []
         self._assigned: LeaseGrant | None = None
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -449,16 +464,36 @@ class SlotRunner:
         )
         t0 = time.monotonic()
         try:
+            if not self.slot.alive:
+                # Died while idle (the kernel's OOM killer, an operator): not this trial's doing.
+                log.warning("slot %s died while idle; starting it again", self.spec.name)
+                self.slot.start()
             outcome = self.slot.run(job, _Events(self, trial))
         except SlotDied as exc:
             self.last_end = None
             self._slot_died(trial, exc, time.monotonic() - t0)
             return
+        ended_at = time.monotonic()
         ending = Ending.from_outcome(outcome, trial)
+        gap = None
         if outcome.first_step_at is not None and self.last_end is not None:
-            self.gaps.append(outcome.first_step_at - self.last_end)
-            ending.note = f", slot gap {self.gaps[-1]:.2f} s"
-        self.last_end = time.monotonic()
+            gap = outcome.first_step_at - self.last_end
+            ending.note = f", slot gap {gap:.2f} s"
+        self.last_end = ended_at
+        g = trial.grant
+        self.records.append(
+            TrialRecord(
+                self.spec.name,
+                g.study_id,
+                g.trial_number,
+                g.attempt,
+                outcome.state,
+                outcome.step,
+                outcome.first_step_at,
+                ended_at,
+                gap,
+            )
+        )
         self.agent.finish(self, trial, ending)
 
     def _fetch_resume(self, trial: RunningTrial, work: Path) -> Path | None:
@@ -619,8 +654,12 @@ class Agent:
     def views(self) -> list[TrialView]:
         return [v for v in (r.view() for r in self.runners) if v is not None]
 
+    def records(self) -> list[TrialRecord]:
+        return [rec for r in self.runners for rec in r.records]
+
     def slot_gaps(self) -> list[float]:
-        return [g for r in self.runners for g in r.gaps]
+        """Seconds from one trial's end to the next one's first optimizer step, per slot."""
+        return [rec.gap_s for rec in self.records() if rec.gap_s is not None]
 
     # -- leases held
 

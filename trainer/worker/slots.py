@@ -24,6 +24,7 @@ agent -> slot:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -32,6 +33,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -58,6 +60,17 @@ _ENV_LOCK = threading.Lock()
 
 # How often the child tells the agent its step (heartbeats carry it; the live view shows it).
 _STEP_EVERY_S = 1.0
+
+# Slots ignore SIGTERM (see _slot_main), so multiprocessing's own exit handler, which
+# terminates daemonic children and then joins them, would wait forever on one still
+# alive. This handler runs first (atexit is last-in, first-out) and kills them.
+_LIVE: weakref.WeakSet[Slot] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_live_slots() -> None:
+    for slot in list(_LIVE):
+        slot.kill()
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,7 @@ class Slot:
         child.close()  # our copy of the child's end; keeping it would hide the child's death from recv()
         self._proc, self._conn = proc, parent
         self.starts += 1
+        _LIVE.add(self)
         ready = multiprocessing.connection.wait([parent, proc.sentinel], timeout=timeout_s)
         try:
             msg = parent.recv() if parent in ready else None
@@ -296,7 +310,7 @@ def _slot_main(conn: Connection, stop: Event, spec: SlotSpec) -> None:
     t0 = time.monotonic()
     from trainer.worker import warm  # imports torch and transformers: the cost a warm slot pays once
 
-    warm.prepare(gpu=spec.gpu is not None, threads=spec.threads)
+    warm.prepare(gpu=spec.gpu is not None, threads=spec.threads, quiet=spec.log_level > logging.INFO)
     try:
         conn.send(("ready", os.getpid(), time.monotonic() - t0))
         while True:

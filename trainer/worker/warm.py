@@ -8,7 +8,7 @@ import os
 log = logging.getLogger("tuneforge.worker.slot")
 
 
-def prepare(*, gpu: bool, threads: int | None = None) -> None:
+def prepare(*, gpu: bool, threads: int | None = None, quiet: bool = False) -> None:
     """Import the training stack and create the CUDA context now rather than in the first trial."""
     # Nothing is fetched from a model hub at run time (DESIGN.md); set before transformers loads.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +26,10 @@ def prepare(*, gpu: bool, threads: int | None = None) -> None:
 
     # Progress bars from every slot would interleave in the agent's log.
     transformers.utils.logging.disable_progress_bar()
+    if quiet:
+        # A quiet slot (under `tuneforge up`'s live view) keeps transformers to errors:
+        # its per-load report (a fresh classifier head is "MISSING") is expected when fine-tuning.
+        transformers.utils.logging.set_verbosity_error()
     if threads is not None:
         # CPU slots share the machine's cores; without this each one starts a thread per
         # core and they thrash each other.
