@@ -37,12 +37,13 @@ import logging
 import math
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from optuna.exceptions import UpdateFinishedTrialError
-from sqlalchemy import Float, cast, func, select
+from sqlalchemy import Float, cast, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -92,6 +93,8 @@ COMPLETE = "complete"
 class _Claimed:
     lease_id: str
     study_id: int
+    trial_id: int
+    directions: list[str]
     study_name: str
     number: int
     optuna_trial_id: int
@@ -126,20 +129,29 @@ class Finished:
 
 
 @dataclass(frozen=True)
-class _LeaseView:
-    state: LeaseState
-    expires_at: datetime
-    stop_reason: str | None
-    attempt: int
-    trial_id: int
-    study_id: int
-    optuna_trial_id: int | None
-    objectives: list[str]
-    directions: list[str]
+class LeaseRef:
+    """The lease a finishing transaction just took over (from its guarded UPDATE)."""
 
-    def live(self, now: datetime) -> bool:
-        expires = aware(self.expires_at)
-        return self.state == LeaseState.ACTIVE and expires is not None and expires > now
+    id: str
+    study_id: int
+    trial_id: int
+    attempt: int
+    granted_at: datetime | None
+    last_step: int | None
+
+
+@dataclass(frozen=True)
+class _LeaseMeta:
+    study_id: int
+    trial_id: int
+    attempt: int
+    number: int
+    optuna_trial_id: int | None
+    objectives: tuple[str, ...]
+    directions: tuple[str, ...]
+
+
+_LEASE_CACHE = 50_000
 
 
 class Scheduler:
@@ -156,6 +168,8 @@ class Scheduler:
         # Optuna trials this process asked (RUNNING with params): a grant of their row
         # need not check for an enqueued WAITING trial. Set add/discard are atomic.
         self.sampled: set[int] = set()
+        self._leases: OrderedDict[str, _LeaseMeta] = OrderedDict()
+        self._leases_lock = threading.Lock()
         # Retries seen without an Optuna trial by reaper passes, and when first (reaper.py).
         self.unattached_seen: dict[int, float] = {}
 
@@ -180,7 +194,20 @@ class Scheduler:
                     # Maybe an enqueued configuration nobody popped yet (or a row another
                     # process asked): make sure its Optuna trial runs with its params.
                     sync.ensure_running(self.warm.get(claimed.study_id), claimed.optuna_trial_id)
-                return self._grant_message(claimed)
+                message = self._grant_message(claimed)
+                self._remember(
+                    claimed.lease_id,
+                    _LeaseMeta(
+                        study_id=claimed.study_id,
+                        trial_id=claimed.trial_id,
+                        attempt=claimed.attempt,
+                        number=claimed.number,
+                        optuna_trial_id=claimed.optuna_trial_id,
+                        objectives=tuple(message.objectives),
+                        directions=tuple(claimed.directions),
+                    ),
+                )
+                return message
             # The fairest study has no ready trial: ask one now, then claim again.
             self.buffer.fill_one(claimed.study_id, blocking=True)
         return None
@@ -207,14 +234,14 @@ class Scheduler:
             if study is None:
                 busy.append(cand.id)  # another grant holds it right now
                 continue
-            claimed = self._claim_in(s, study, req, now)
+            claimed = self._claim_in(s, study, req)
             if claimed is not None:
                 return claimed
         for study_id in busy:
             # Every ready study was busy: wait for the fairest one (we hold no other lock).
             study = lock_study(s, study_id)
             if study is not None:
-                claimed = self._claim_in(s, study, req, now)
+                claimed = self._claim_in(s, study, req)
                 if claimed is not None:
                     return claimed
         return None
@@ -237,8 +264,9 @@ class Scheduler:
         )
         return cand.n_started + int(fresh or 0) < cand.n_trials
 
-    def _claim_in(self, s: Session, study: Study, req: LeaseRequest, now: datetime) -> _Claimed | None:
+    def _claim_in(self, s: Session, study: Study, req: LeaseRequest) -> _Claimed | None:
         """Claim a ready row of a locked study, or None if it can take no more now."""
+        now = utcnow()  # after the lock: the lease's clock starts when it is really granted
         if study.status != StudyStatus.RUNNING or study.n_running >= study.max_parallel or timed_out(study, now):
             return None
         trial = s.scalars(
@@ -289,6 +317,8 @@ class Scheduler:
         return _Claimed(
             lease_id=lease.id,
             study_id=study.id,
+            trial_id=trial.id,
+            directions=[str(d) for d in study.directions],
             study_name=study.name,
             number=trial.number,
             optuna_trial_id=int(trial.optuna_trial_id),  # type: ignore[arg-type]
@@ -361,22 +391,17 @@ class Scheduler:
     # ================================================================== report
 
     def report(self, lease_id: str, req: ReportRequest) -> ReportResponse:
-        now = utcnow()
-        view = self._view(lease_id)
-        if not view.live(now):
-            if view.state == LeaseState.FINISHED and view.stop_reason == PRUNED:
-                return ReportResponse(prune=True, expires_at=aware(view.expires_at) or now)
-            raise _lost_view(view)
-        objective = view.objectives[0] if view.objectives else None
-        value: float | None = None
-        if objective is not None:
-            if objective not in req.metrics:
-                raise Invalid(f"metrics.{objective}", f"missing; the study optimises {objective!r}")
-            value = float(req.metrics[objective])
-        expires = self.db.run(lambda s: self._report_tx(s, lease_id, view, req))
+        meta = self._meta(lease_id)
+        objective = meta.objectives[0] if meta.objectives else None
+        if objective is not None and objective not in req.metrics:
+            raise Invalid(f"metrics.{objective}", f"missing; the study optimises {objective!r}")
+        answer = self.db.run(lambda s: self._report_tx(s, lease_id, meta, req, objective))
+        if isinstance(answer, ReportResponse):
+            return answer  # the server pruned this trial already
+        expires, curve = answer
         prune = False
-        if value is not None and len(view.directions) == 1 and view.optuna_trial_id is not None:
-            prune = self._should_prune(view, req.step, value)
+        if objective is not None and len(meta.directions) == 1 and meta.optuna_trial_id is not None:
+            prune = self._should_prune(meta, req.step, float(req.metrics[objective]), curve)
         if prune:
             fin = self.db.run(lambda s: self._finish_tx(s, lease_id, PRUNED, None))
             self.sync(fin)
@@ -384,44 +409,55 @@ class Scheduler:
                 raise LeaseLost("the lease ended before the prune decision was recorded")
         return ReportResponse(prune=prune, expires_at=expires)
 
-    def _report_tx(self, s: Session, lease_id: str, view: _LeaseView, req: ReportRequest) -> datetime:
+    def _report_tx(
+        self, s: Session, lease_id: str, meta: _LeaseMeta, req: ReportRequest, objective: str | None
+    ) -> tuple[datetime, dict[int, float]] | ReportResponse:
         now = utcnow()
         expires = now + self.lease_timeout
         # A report is proof of life too: it extends the lease like a heartbeat.
         if not guarded_update(s, Lease, _live(lease_id, now), {"expires_at": expires, "last_step": req.step}):
             lease = _lease(s, lease_id)
             if lease is not None and lease.state == LeaseState.FINISHED and lease.stop_reason == PRUNED:
-                return aware(lease.expires_at) or now
+                return ReportResponse(prune=True, expires_at=aware(lease.expires_at) or now)
             raise _lost(lease, now)
         dialect = postgresql if not is_sqlite(s) else sqlite
         s.execute(
             dialect.insert(TrialReport)
-            .values(trial_id=view.trial_id, attempt=view.attempt, step=req.step, metrics=req.metrics, created_at=now)
+            .values(trial_id=meta.trial_id, attempt=meta.attempt, step=req.step, metrics=req.metrics, created_at=now)
             .on_conflict_do_nothing(index_elements=["trial_id", "attempt", "step"])
         )
-        running = [Trial.id == view.trial_id, Trial.state == TrialState.RUNNING]
-        guarded_update(s, Trial, running, {"last_step": req.step})
-        return expires
+        # This attempt's learning curve so far: what the pruner judges (tiny: one row per eval).
+        curve: dict[int, float] = {}
+        if objective is not None:
+            rows = s.execute(
+                select(TrialReport.step, TrialReport.metrics).where(
+                    TrialReport.trial_id == meta.trial_id, TrialReport.attempt == meta.attempt
+                )
+            ).all()
+            curve = {r.step: float(r.metrics[objective]) for r in rows if objective in r.metrics}
+        return expires, curve
 
-    def _should_prune(self, view: _LeaseView, step: int, value: float) -> bool:
-        warm = self.warm.get(view.study_id)
-        storage = warm.study._storage
-        assert view.optuna_trial_id is not None
+    def _should_prune(self, meta: _LeaseMeta, step: int, value: float, curve: dict[int, float]) -> bool:
+        warm = self.warm.get(meta.study_id)
+        assert meta.optuna_trial_id is not None
         try:
-            storage.set_trial_intermediate_value(view.optuna_trial_id, step, value)
+            # Optuna keeps the curve too: pruned trials are ranked by it (TPE) and complete
+            # ones compared against (median pruner), and optuna-dashboard plots it.
+            warm.study._storage.set_trial_intermediate_value(meta.optuna_trial_id, step, value)
         except UpdateFinishedTrialError:
             raise LeaseLost("the trial already finished") from None
-        frozen = storage.get_trial(view.optuna_trial_id)
-        return bool(warm.study.pruner.prune(warm.study, frozen))
+        return warm.should_prune(meta.optuna_trial_id, meta.number, curve)
 
     # ================================================================== complete / fail
 
     def complete(self, lease_id: str, req: CompleteRequest) -> FinishResponse:
-        now = utcnow()
-        view = self._view(lease_id)
-        values: list[float] | None = None
-        if view.live(now):
-            values = _objective_values(view.objectives, req.metrics)
+        meta = self._meta(lease_id)
+        try:
+            values = _objective_values(list(meta.objectives), req.metrics)
+        except Invalid:
+            if self._live_now(lease_id):
+                raise
+            values = None  # a lease that is not live gets its idempotent answer or 409 below
         fin = self.db.run(lambda s: self._finish_tx(s, lease_id, COMPLETE, values, complete=req))
         self.sync(fin)
         return FinishResponse(trial_number=fin.number, state=fin.state.value)
@@ -443,13 +479,35 @@ class Scheduler:
     ) -> Finished:
         """End the lease with `outcome` (complete, pruned, or a failure reason)."""
         now = utcnow()
-        if not guarded_update(s, Lease, _live(lease_id, now), {"state": LeaseState.FINISHED, "stop_reason": outcome}):
+        row = s.execute(
+            update(Lease)
+            .where(*_live(lease_id, now))
+            .values(state=LeaseState.FINISHED, stop_reason=outcome)
+            .returning(Lease.id, Lease.study_id, Lease.trial_id, Lease.attempt, Lease.granted_at, Lease.last_step)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if row is None:
             return self._answer_finished(s, lease_id, outcome, now)
-        lease = _lease(s, lease_id)
-        assert lease is not None
+        lease = LeaseRef(row.id, row.study_id, row.trial_id, row.attempt, aware(row.granted_at), row.last_step)
         if outcome == COMPLETE:
             assert complete is not None and values is not None
-            return self._complete_trial(s, lease, complete, values, now)
+            fin = self._end_trial(
+                s,
+                lease,
+                TrialState.COMPLETE,
+                now,
+                {
+                    "values": values,
+                    "value": values[0],
+                    "metrics": dict(complete.metrics),
+                    "duration_s": complete.duration_s,
+                    "last_step": complete.step,
+                },
+                counter="n_complete",
+                best=values[0],
+            )
+            fin.values = values
+            return fin
         if outcome == PRUNED:
             return self._end_trial(s, lease, TrialState.PRUNED, now, {}, counter="n_pruned")
         assert fail is not None
@@ -474,78 +532,61 @@ class Scheduler:
         # The lease ended with a failure.
         if outcome == COMPLETE:
             raise Conflict(f"this lease already failed the trial ({lease.stop_reason}); it cannot complete it now")
+        fin.optuna_trial_id = None  # told FAIL by the first call (or the reaper's sweep does it)
         if trial.attempts > lease.attempt:
             # A retry was scheduled; the trial may be running again under another lease.
             fin.state = TrialState.WAITING
-            fin.optuna_trial_id = None
             unattached = trial.state == TrialState.WAITING and trial.optuna_trial_id is None
             if unattached and trial.attempts == lease.attempt + 1:
                 fin.retry_attempt = trial.attempts
                 fin.params = dict(trial.params)
-        else:
-            fin.optuna_trial_id = None  # already told FAIL by the first call, or the sweep does it
-        return fin
-
-    def _complete_trial(
-        self, s: Session, lease: Lease, req: CompleteRequest, values: list[float], now: datetime
-    ) -> Finished:
-        fin = self._end_trial(
-            s,
-            lease,
-            TrialState.COMPLETE,
-            now,
-            {
-                "values": values,
-                "value": values[0],
-                "metrics": dict(req.metrics),
-                "duration_s": req.duration_s,
-                "last_step": req.step,
-            },
-            counter="n_complete",
-        )
-        fin.values = values
-        study = s.get(Study, lease.study_id, populate_existing=True)
-        assert study is not None
-        if len(study.directions) == 1:
-            better = Study.best_value < values[0] if is_maximize(study.directions[0]) else Study.best_value > values[0]
-            guarded_update(
-                s,
-                Study,
-                [Study.id == study.id, Study.best_value.is_(None) | better],
-                {"best_value": values[0], "best_trial_number": fin.number},
-            )
         return fin
 
     def _end_trial(
-        self, s: Session, lease: Lease, state: TrialState, now: datetime, values: dict[str, Any], *, counter: str
+        self,
+        s: Session,
+        lease: LeaseRef,
+        state: TrialState,
+        now: datetime,
+        values: dict[str, Any],
+        *,
+        counter: str,
+        best: float | None = None,
     ) -> Finished:
         """RUNNING -> a finished state for the lease's attempt, with the study counters."""
-        trial = s.get(Trial, lease.trial_id, populate_existing=True)
-        assert trial is not None
-        duration = values.pop("duration_s", None)
-        if duration is None and trial.started_at is not None:
-            duration = (now - aware(trial.started_at)).total_seconds()  # type: ignore[operator]
-        won = guarded_update(
-            s,
-            Trial,
-            [Trial.id == trial.id, Trial.state == TrialState.RUNNING, Trial.attempts == lease.attempt],
-            {"state": state, "finished_at": now, "duration_s": duration, **values},
-        )
-        if not won:
+        if values.get("duration_s") is None and lease.granted_at is not None:
+            values["duration_s"] = (now - lease.granted_at).total_seconds()  # this attempt's run time
+        trial = s.execute(
+            update(Trial)
+            .where(Trial.id == lease.trial_id, Trial.state == TrialState.RUNNING, Trial.attempts == lease.attempt)
+            .values(state=state, finished_at=now, **values)
+            .returning(Trial.number, Trial.optuna_trial_id)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if trial is None:
             raise LeaseLost("the trial is no longer held by this lease")
-        guarded_update(
-            s,
-            Study,
-            [Study.id == lease.study_id],
-            {"n_running": Study.n_running - 1, counter: getattr(Study, counter) + 1},
-        )
-        self._maybe_complete_study(s, lease.study_id, now)
-        return Finished(lease.study_id, trial.id, trial.number, state, trial.optuna_trial_id)
+        study = s.execute(
+            update(Study)
+            .where(Study.id == lease.study_id)
+            .values({"n_running": Study.n_running - 1, counter: getattr(Study, counter) + 1})
+            .returning(Study.status, Study.n_running, Study.n_started, Study.n_trials, Study.directions)
+            .execution_options(synchronize_session=False)
+        ).one()
+        if best is not None and len(study.directions) == 1:
+            better = Study.best_value < best if is_maximize(study.directions[0]) else Study.best_value > best
+            guarded_update(
+                s,
+                Study,
+                [Study.id == lease.study_id, Study.best_value.is_(None) | better],
+                {"best_value": best, "best_trial_number": trial.number},
+            )
+        self._maybe_complete_study(s, lease.study_id, study, now)
+        return Finished(lease.study_id, lease.trial_id, trial.number, state, trial.optuna_trial_id)
 
     def fail_trial(
         self,
         s: Session,
-        lease: Lease,
+        lease: LeaseRef,
         reason: str,
         message: str | None,
         traceback: str | None,
@@ -558,9 +599,8 @@ class Scheduler:
         transaction, so the counts below include this attempt.
         """
         study = s.get(Study, lease.study_id, populate_existing=True)
-        trial = s.get(Trial, lease.trial_id, populate_existing=True)
-        assert study is not None and trial is not None
-        retry = self._retry_allowed(s, study, trial.id, reason, now)
+        assert study is not None
+        retry = self._retry_allowed(s, study, lease.trial_id, reason, now)
         failure: dict[str, Any] = {
             "failure_reason": reason,
             "failure_message": message or None,
@@ -571,16 +611,18 @@ class Scheduler:
         if not retry:
             fin = self._end_trial(s, lease, TrialState.FAILED, now, failure, counter="n_failed")
         else:
-            won = guarded_update(
-                s,
-                Trial,
-                [Trial.id == trial.id, Trial.state == TrialState.RUNNING, Trial.attempts == lease.attempt],
-                {"state": TrialState.WAITING, "attempts": lease.attempt + 1, "optuna_trial_id": None, **failure},
-            )
-            if not won:
+            old_optuna_id = s.scalar(select(Trial.optuna_trial_id).where(Trial.id == lease.trial_id))
+            trial = s.execute(
+                update(Trial)
+                .where(Trial.id == lease.trial_id, Trial.state == TrialState.RUNNING, Trial.attempts == lease.attempt)
+                .values(state=TrialState.WAITING, attempts=lease.attempt + 1, optuna_trial_id=None, **failure)
+                .returning(Trial.number, Trial.params)
+                .execution_options(synchronize_session=False)
+            ).first()
+            if trial is None:
                 raise LeaseLost("the trial is no longer held by this lease")
             guarded_update(s, Study, [Study.id == study.id], {"n_running": Study.n_running - 1})
-            fin = Finished(study.id, trial.id, trial.number, TrialState.WAITING, trial.optuna_trial_id)
+            fin = Finished(study.id, lease.trial_id, trial.number, TrialState.WAITING, old_optuna_id)
             fin.retry_attempt = lease.attempt + 1
             fin.params = dict(trial.params)
         fin.reason, fin.message = reason, message
@@ -599,19 +641,17 @@ class Scheduler:
         return counted <= study.max_retries
 
     @staticmethod
-    def _maybe_complete_study(s: Session, study_id: int, now: datetime) -> None:
+    def _maybe_complete_study(s: Session, study_id: int, counts: Any, now: datetime) -> None:
         """running -> completed once the budget is spent and nothing runs or waits for a retry.
 
-        Fresh waiting rows (pre-asked, or enqueued beyond the budget) cannot run any more;
-        the reaper drops them and fails their Optuna trials.
-
-        Called after our counter UPDATE, so we hold the study row lock (PostgreSQL) or
-        the write lock (SQLite) and read the latest counts.
+        `counts` comes back from our counter UPDATE, so we hold the study row lock
+        (PostgreSQL) or the write lock (SQLite): they are the latest. Fresh waiting rows
+        (pre-asked, or enqueued beyond the budget) cannot run any more; the reaper drops
+        them and fails their Optuna trials.
         """
-        study = s.get(Study, study_id, populate_existing=True)
-        if study is None or study.status != StudyStatus.RUNNING or study.n_running > 0:
+        if counts.status != StudyStatus.RUNNING or counts.n_running > 0:
             return
-        if study.n_trials is None or study.n_started < study.n_trials:
+        if counts.n_trials is None or counts.n_started < counts.n_trials:
             return
         waiting = s.scalar(
             select(Trial.id)
@@ -672,16 +712,28 @@ class Scheduler:
 
     # ================================================================== helpers
 
-    def _view(self, lease_id: str) -> _LeaseView:
+    def _live_now(self, lease_id: str) -> bool:
+        with self.db.scope() as s:
+            return s.scalar(select(Lease.id).where(*_live(lease_id, utcnow()))) is not None
+
+    def _remember(self, lease_id: str, meta: _LeaseMeta) -> None:
+        with self._leases_lock:
+            self._leases[lease_id] = meta
+            if len(self._leases) > _LEASE_CACHE:
+                self._leases.popitem(last=False)
+
+    def _meta(self, lease_id: str) -> _LeaseMeta:
+        """What never changes about a lease, cached: the hot calls skip a read."""
+        meta = self._leases.get(lease_id)
+        if meta is not None:
+            return meta
         with self.db.scope() as s:
             row = s.execute(
                 select(
-                    Lease.state,
-                    Lease.expires_at,
-                    Lease.stop_reason,
-                    Lease.attempt,
-                    Lease.trial_id,
                     Lease.study_id,
+                    Lease.trial_id,
+                    Lease.attempt,
+                    Trial.number,
                     Trial.optuna_trial_id,
                     Trial.attempts,
                     Study.objectives,
@@ -693,18 +745,19 @@ class Scheduler:
             ).first()
         if row is None:
             raise LeaseLost(f"no lease {lease_id!r}: it was never granted, or its study was deleted")
-        optuna_id = row.optuna_trial_id if row.attempts == row.attempt else None
-        return _LeaseView(
-            state=row.state,
-            expires_at=aware(row.expires_at),  # type: ignore[arg-type]
-            stop_reason=row.stop_reason,
-            attempt=row.attempt,
-            trial_id=row.trial_id,
+        meta = _LeaseMeta(
             study_id=row.study_id,
-            optuna_trial_id=optuna_id,
-            objectives=list(row.objectives or []),
-            directions=[str(d) for d in row.directions],
+            trial_id=row.trial_id,
+            attempt=row.attempt,
+            number=row.number,
+            # The trial's Optuna trial belongs to this lease only while it is on this attempt.
+            optuna_trial_id=row.optuna_trial_id if row.attempts == row.attempt else None,
+            objectives=tuple(row.objectives or ()),
+            directions=tuple(str(d) for d in row.directions),
         )
+        if meta.optuna_trial_id is not None:
+            self._remember(lease_id, meta)
+        return meta
 
 
 def _live(lease_id: str, now: datetime) -> list[Any]:
@@ -723,12 +776,6 @@ def _lost(lease: Lease | None, now: datetime) -> LeaseLost:
     if lease.state == LeaseState.EXPIRED:
         return LeaseLost("lease expired; the trial was taken back and retried or ended")
     return LeaseLost("lease already finished")
-
-
-def _lost_view(view: _LeaseView) -> LeaseLost:
-    if view.state == LeaseState.FINISHED:
-        return LeaseLost("lease already finished")
-    return LeaseLost("lease expired; the trial was taken back and retried or ended")
 
 
 def _objective_values(objectives: list[str], metrics: dict[str, float]) -> list[float]:

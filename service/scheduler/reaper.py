@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.exceptions import OptunaError
 from optuna.trial import TrialState as OptunaState
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -39,7 +39,7 @@ from service.errors import DomainError
 from service.models import Lease, LeaseState, Study, StudyStatus, Trial, TrialState
 from service.scheduler import sync
 from service.scheduler._sql import aware, begin_write, guarded_update, lock_study, timed_out, utcnow
-from service.scheduler.leases import EXPIRED, Finished, Scheduler, get_scheduler
+from service.scheduler.leases import EXPIRED, Finished, LeaseRef, Scheduler, get_scheduler
 
 if TYPE_CHECKING:
     from service.context import ServiceContext
@@ -96,24 +96,28 @@ def _expire_leases(sched: Scheduler, stats: ReapStats) -> None:
 
 def _expire(sched: Scheduler, s: Session, lease_id: str) -> Finished | None:
     now = utcnow()
-    won = guarded_update(
-        s,
-        Lease,
-        [Lease.id == lease_id, Lease.state == LeaseState.ACTIVE, Lease.expires_at <= now],
-        {"state": LeaseState.EXPIRED, "stop_reason": EXPIRED},
+    row = s.execute(
+        update(Lease)
+        .where(Lease.id == lease_id, Lease.state == LeaseState.ACTIVE, Lease.expires_at <= now)
+        .values(state=LeaseState.EXPIRED, stop_reason=EXPIRED)
+        .returning(Lease.study_id, Lease.trial_id, Lease.attempt, Lease.granted_at, Lease.last_step, Lease.worker_id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        return None  # another process took it, or its holder finished just in time
+    held = s.scalar(
+        select(Trial.id).where(
+            Trial.id == row.trial_id, Trial.state == TrialState.RUNNING, Trial.attempts == row.attempt
+        )
     )
-    if not won:
-        return None
-    lease = s.get(Lease, lease_id, populate_existing=True)
-    assert lease is not None
-    trial = s.get(Trial, lease.trial_id, populate_existing=True)
-    if trial is None or trial.state != TrialState.RUNNING or trial.attempts != lease.attempt:
+    if held is None:
         return None  # nothing runs under this lease any more; expiring it is all there is to do
+    lease = LeaseRef(lease_id, row.study_id, row.trial_id, row.attempt, aware(row.granted_at), row.last_step)
     message = (
-        f"lease expired: no heartbeat from worker {lease.worker_id!r} "
-        f"for {sched.settings.lease_timeout_s:g}s (attempt {lease.attempt})"
+        f"lease expired: no heartbeat from worker {row.worker_id!r} "
+        f"for {sched.settings.lease_timeout_s:g}s (attempt {row.attempt})"
     )
-    return sched.fail_trial(s, lease, EXPIRED, message, None, lease.last_step, now)
+    return sched.fail_trial(s, lease, EXPIRED, message, None, row.last_step, now)
 
 
 # ---------------------------------------------------------------------------- 2. studies

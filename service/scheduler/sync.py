@@ -51,12 +51,15 @@ def _frozen(warm: WarmStudy, optuna_trial_id: int) -> FrozenTrial:
     return warm.study._storage.get_trial(optuna_trial_id)
 
 
-def _tell(warm: WarmStudy, frozen: FrozenTrial, values: Sequence[float] | None, state: TrialState) -> None:
+def _tell(warm: WarmStudy, trial: FrozenTrial | int, values: Sequence[float] | None, state: TrialState) -> None:
+    """Study.tell by trial number or frozen trial; a no-op on a finished trial."""
+    number = trial if isinstance(trial, int) else trial.number
     try:
-        warm.study.tell(frozen.number, values, state=state, skip_if_finished=True)
+        warm.study.tell(number, values, state=state, skip_if_finished=True)
     except UpdateFinishedTrialError:
-        # Finished between our check and the write (another process's sync): same result.
-        log.debug("optuna trial %s already finished", frozen._trial_id)
+        # Finished between tell's check and its write (another process's sync): same result.
+        log.debug("optuna trial %s of %s already finished", number, warm.optuna_name)
+    warm.trial_finished()
 
 
 def ensure_running(warm: WarmStudy, optuna_trial_id: int) -> None:
@@ -79,19 +82,25 @@ def ensure_running(warm: WarmStudy, optuna_trial_id: int) -> None:
         suggest_params(optuna.Trial(warm.study, optuna_trial_id), warm.spec)
 
 
+def _number(warm: WarmStudy, optuna_trial_id: int) -> int:
+    # Cached by the warm study's storage for every trial it has seen: usually no query.
+    storage = warm.study._storage
+    cached = getattr(storage, "_trial_id_to_study_id_and_number", {}).get(optuna_trial_id)
+    return cached[1] if cached is not None else storage.get_trial_number_from_id(optuna_trial_id)
+
+
 def tell_complete(warm: WarmStudy, optuna_trial_id: int, values: Sequence[float]) -> None:
-    frozen = _frozen(warm, optuna_trial_id)
-    if frozen.state == TrialState.WAITING:
+    try:
+        _tell(warm, _number(warm, optuna_trial_id), list(values), TrialState.COMPLETE)
+    except ValueError:
+        # "Cannot tell a WAITING trial": an enqueued trial that nobody popped (a grant that
+        # died before popping it). Pop it with its params, then tell.
         ensure_running(warm, optuna_trial_id)
-        frozen = _frozen(warm, optuna_trial_id)
-    if not frozen.state.is_finished():
-        _tell(warm, frozen, list(values), TrialState.COMPLETE)
+        _tell(warm, _number(warm, optuna_trial_id), list(values), TrialState.COMPLETE)
 
 
 def tell_pruned(warm: WarmStudy, optuna_trial_id: int) -> None:
-    frozen = _frozen(warm, optuna_trial_id)
-    if not frozen.state.is_finished():
-        _tell(warm, frozen, None, TrialState.PRUNED)
+    _tell(warm, _number(warm, optuna_trial_id), None, TrialState.PRUNED)
 
 
 def tell_failed(warm: WarmStudy, optuna_trial_id: int, reason: str, message: str | None = None) -> None:
