@@ -111,7 +111,7 @@ class SlotOutcome:
     traceback: str | None
     started_at: float
     first_step_at: float | None
-    """time.monotonic of the first optimizer step: when the GPU started doing the trial's work."""
+    """time.monotonic when the first optimizer step began (estimated: its end less one regular step)."""
     export_dir: Path | None = None
     """A complete trial's exported model folder (in its work dir), uploaded as its final checkpoint."""
 
@@ -327,7 +327,8 @@ def _run_one(conn: Connection, stop: Event, spec: SlotSpec, job: TrialJob) -> Sl
     from trainer.boundary import run_trial
     from trainer.runtime import Runtime
 
-    first_step_at: float | None = None
+    first_step_at: float | None = None  # when the first optimizer step ended
+    second_step_at: float | None = None
     last_step_sent = 0.0
     packed = 0
 
@@ -347,10 +348,12 @@ def _run_one(conn: Connection, stop: Event, spec: SlotSpec, job: TrialJob) -> Sl
         conn.send(("checkpoint", str(archive), step))
 
     def on_step(step: int, total: int) -> None:
-        nonlocal first_step_at, last_step_sent
+        nonlocal first_step_at, second_step_at, last_step_sent
         now = time.monotonic()
         if first_step_at is None:
             first_step_at = now
+        elif second_step_at is None:
+            second_step_at = now
         if now - last_step_sent >= _STEP_EVERY_S:
             last_step_sent = now
             conn.send(("step", step, total, now))
@@ -378,6 +381,10 @@ def _run_one(conn: Connection, stop: Event, spec: SlotSpec, job: TrialJob) -> Sl
         message=outcome.message or "",
         traceback=outcome.traceback,
         started_at=started_at,
-        first_step_at=first_step_at,
+        # When training began: the first step's end less one regular step (the first one
+        # may also hold a compile, which is start-up cost and stays in the gap).
+        first_step_at=first_step_at - (second_step_at - first_step_at)
+        if second_step_at and first_step_at
+        else first_step_at,
         export_dir=result.checkpoint if result is not None else None,
     )
