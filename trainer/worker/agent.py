@@ -407,6 +407,9 @@ class SlotRunner:
                 with self._lock:
                     grant, self._assigned = self._assigned, None
                     trial = self.current = RunningTrial(grant, self.spec.name) if grant else None
+                    if trial is not None:
+                        # Under the lock that stop_trial takes: from here on a stop is this trial's.
+                        self.slot.clear_stop()
                 if trial is None:
                     continue
                 try:
@@ -462,6 +465,20 @@ class SlotRunner:
             upload_dir=work / "uploads",
             resume_from=resume,
         )
+        if trial.stop_reason is not None:
+            # Stopped (a warm shutdown, a cancelled study) while its checkpoint was downloading.
+            self.agent.finish(
+                self,
+                trial,
+                Ending(
+                    "failed",
+                    trial.step or None,
+                    0.0,
+                    reason=FailureReason.PREEMPTED,
+                    message=f"stopped before it started: {trial.stop_reason}",
+                ),
+            )
+            return
         t0 = time.monotonic()
         try:
             if not self.slot.alive:

@@ -6,7 +6,7 @@ process. So a slot is spawned once, imports torch once and keeps that state betw
 trials; only a crash (or a trial that will not stop) replaces it.
 
 The agent talks to its slot over a duplex pipe, and stops a running trial through a
-shared event that the trainer polls between steps (`Runtime.should_stop`). All HTTP
+shared flag that the trainer polls between steps (`Runtime.should_stop`). All HTTP
 stays in the agent: the slot is pure compute, so a slot that dies never leaves a
 half-sent request behind, and the agent (which owns the lease) decides what a report
 or a crash means.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -37,7 +38,6 @@ import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -150,7 +150,9 @@ class Slot:
         self.spec = spec
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
-        self._stop: Event = SPAWN.Event()
+        # A flag in shared memory rather than a multiprocessing.Event: an Event takes a lock
+        # to read, and a slot killed while polling it would leave that lock held forever.
+        self._stop: Any = SPAWN.RawValue(ctypes.c_bool, False)
         self.starts = 0
         self.warm_s: float | None = None
 
@@ -167,7 +169,8 @@ class Slot:
         t0 = time.monotonic()
         self._drop_conn()
         parent, child = SPAWN.Pipe(duplex=True)
-        self._stop = SPAWN.Event()
+        stop = SPAWN.RawValue(ctypes.c_bool, self._stop.value)  # a stop asked for meanwhile still holds
+        self._stop = stop
         proc = SPAWN.Process(
             target=_slot_main, args=(child, self._stop, self.spec), name=f"tuneforge-slot-{self.spec.name}", daemon=True
         )
@@ -211,14 +214,17 @@ class Slot:
 
     def request_stop(self) -> None:
         """Ask the running trial to checkpoint and stop at its next step (TrialStopped)."""
-        self._stop.set()
+        self._stop.value = True
+
+    def clear_stop(self) -> None:
+        """Forget a stop meant for an earlier trial; called when the next trial is assigned."""
+        self._stop.value = False
 
     def run(self, job: TrialJob, events: TrialEvents, tick_s: float = 0.25) -> SlotOutcome:
         """Run one trial in the slot and relay its messages to `events` until it ends."""
         if self._proc is None or self._conn is None or not self._proc.is_alive():
             raise self._died()
         conn, proc = self._conn, self._proc
-        self._stop.clear()
         try:
             conn.send(("trial", job))
         except OSError:
@@ -298,7 +304,7 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _slot_main(conn: Connection, stop: Event, spec: SlotSpec) -> None:
+def _slot_main(conn: Connection, stop: Any, spec: SlotSpec) -> None:
     # Ctrl-C in a terminal and systemd's control-group kill signal every process; the
     # agent alone decides between warm and cold shutdown and tells the slot.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -323,7 +329,7 @@ def _slot_main(conn: Connection, stop: Event, spec: SlotSpec) -> None:
         return  # the agent closed the pipe: nothing left to do
 
 
-def _run_one(conn: Connection, stop: Event, spec: SlotSpec, job: TrialJob) -> SlotOutcome:
+def _run_one(conn: Connection, stop: Any, spec: SlotSpec, job: TrialJob) -> SlotOutcome:
     from trainer.boundary import run_trial
     from trainer.runtime import Runtime
 
@@ -364,7 +370,7 @@ def _run_one(conn: Connection, stop: Event, spec: SlotSpec, job: TrialJob) -> Sl
         cache_dir=spec.cache_dir,
         device="auto" if spec.gpu is not None else "cpu",
         resume_from=job.resume_from,
-        should_stop=stop.is_set,
+        should_stop=lambda: bool(stop.value),
         on_checkpoint=on_checkpoint,
         on_step=on_step,
     )
