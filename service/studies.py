@@ -191,12 +191,13 @@ def _warm_start_configs(s: Session, principal: Principal, spec: StudySpec) -> li
     if ws is None:
         return []
     field = "warm_start_from.study"
+    source: Study | None
     if isinstance(ws.study, int):
         source = visible_study(s, principal, ws.study)
     else:
         source = s.scalars(select(Study).where(Study.owner == principal.owner, Study.name == ws.study)).first()
-        if source is None:
-            raise NotFound(f"you have no study named {ws.study!r}", field=field)
+    if source is None:
+        raise NotFound(f"you have no study named {ws.study!r}", field=field)
     if len(source.directions) != 1:
         raise Invalid(field, "warm start needs a single-objective source study")
     rows = s.scalars(

@@ -21,7 +21,7 @@ from service.schemas import (
 
 router = APIRouter(prefix="/studies", tags=["studies"])
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or unknown token."},
     403: {"description": "The token's role may not use this endpoint (worker tokens)."},
     404: {"description": "No such study, or another user's."},
