@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import optuna
 import pytest
 from api_test_helpers import API, create, params, record_trial
@@ -221,3 +223,22 @@ def test_a_failed_create_leaves_nothing_behind(
     r = client.post(API, json=minilm_spec_data(), headers=user_headers_)
     assert r.status_code == 503
     assert row_counts() == before
+
+
+def test_concurrent_creates_of_one_name_leave_one_study(
+    live_server: str, user_headers: dict[str, str], minilm_spec_data: Spec, settings: Any
+) -> None:
+    """Both requests may pass the name check; the loser's Optuna study must go again."""
+    statuses: list[int] = []
+
+    def submit() -> None:
+        r = httpx.post(f"{live_server}{API}", json=minilm_spec_data(), headers=user_headers, timeout=60)
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=submit) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(statuses) == [201, 409, 409]
+    assert len(optuna.get_all_study_names(storage=settings.database_url)) == 1
