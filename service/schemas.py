@@ -16,6 +16,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from service.models import StudyStatus, TrialState
 
 MAX_PAGE = 200
+# Largest id, trial number or offset accepted: PostgreSQL's `integer`. A bigger number in
+# a path or query is a 422 naming it, never a database overflow turned into a 500.
+MAX_DB_INT = 2**31 - 1
 
 
 def _utc(value: datetime) -> datetime:

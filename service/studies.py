@@ -49,6 +49,7 @@ from service.errors import Conflict, Invalid, NotFound, Unavailable
 from service.models import Study, StudyStatus, Trial, TrialState, utcnow
 from service.paths import resolve_spec_paths
 from service.schemas import (
+    MAX_DB_INT,
     MAX_PAGE,
     BestTrials,
     EnqueueResult,
@@ -73,8 +74,8 @@ log = logging.getLogger(__name__)
 def check_page(limit: int, offset: int, max_limit: int = MAX_PAGE) -> None:
     if not 1 <= limit <= max_limit:
         raise Invalid("limit", f"must be between 1 and {max_limit}")
-    if offset < 0:
-        raise Invalid("offset", "must be 0 or more")
+    if not 0 <= offset <= MAX_DB_INT:
+        raise Invalid("offset", f"must be between 0 and {MAX_DB_INT}")
 
 
 def visible_study(s: Session, principal: Principal, study_id: int) -> Study:

@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated
+import json
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service import auth
@@ -19,6 +21,7 @@ from service.auth import Principal
 from service.context import ServiceContext
 from service.db import Database
 from service.models import Role
+from service.schemas import MAX_DB_INT, MAX_PAGE
 from service.settings import Settings
 
 
@@ -69,3 +72,39 @@ def require_roles(*roles: Role) -> Callable[[Principal], Principal]:
 UserDep = Annotated[Principal, Depends(require_roles(Role.ADMIN, Role.USER))]
 WorkerDep = Annotated[Principal, Depends(require_roles(Role.WORKER, Role.ADMIN))]
 AdminDep = Annotated[Principal, Depends(require_roles(Role.ADMIN))]
+
+
+# Path and query parameters shared by routes, bounded so that no number reaches the
+# database that its integer columns cannot hold.
+StudyIdPath = Annotated[int, Path(ge=1, le=MAX_DB_INT, description="Study id.")]
+TrialNumberPath = Annotated[int, Path(ge=0, le=MAX_DB_INT, description="Trial number within the study.")]
+LimitQuery = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Page size.")]
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_DB_INT, description="Rows to skip.")]
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body must be standard JSON: Python's parser also takes NaN and
+    Infinity, which no spec or configuration may hold."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            text = (await self.body()).decode("utf-8", errors="replace")
+
+            def reject(name: str) -> Any:
+                where = max(text.find(name), 0)
+                raise json.JSONDecodeError(f"{name} is not valid JSON; use a finite number", text, where)
+
+            self._json = json.loads(text, parse_constant=reject)
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Route class for routers whose bodies are specs or configurations (NaN/Infinity -> 422)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler

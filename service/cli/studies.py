@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,18 @@ console = Console()
 STATES = ("waiting", "running", "complete", "pruned", "failed")
 
 
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinity in a JSON-like value (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "spec"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 @study_app.command("submit")
 @handle_errors
 def submit(
@@ -43,10 +56,13 @@ def submit(
         spec = load_spec_file(file)
     except ValidationError as exc:
         fail(_one_line(list(validation_messages(exc))))
+    payload = spec.model_dump(mode="json", exclude_unset=True)
+    if (where := _non_finite(payload)) is not None:
+        fail(f"{where}: NaN and infinity are not valid here; use a finite number")
     with make_client(server, token) as client:
         if wait:
             client.wait_ready(wait)
-        study = client.create_study(spec.model_dump(mode="json", exclude_unset=True))
+        study = client.create_study(payload)
     warm = f", {study['warm_started']} warm-start trials queued" if study.get("warm_started") else ""
     typer.echo(f"submitted study {study['id']} {study['name']!r}{warm}")
     typer.echo(f"watch it: tuneforge study show {study['id']}")

@@ -220,3 +220,11 @@ def test_serve_sets_up_a_fresh_machine_and_accepts_a_study(local_env: dict[str, 
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_nan_in_a_spec_file_is_one_line(server: str, tmp_path: Path) -> None:
+    spec = tmp_path / "nan.yaml"
+    spec.write_text(EXAMPLE.read_text().replace("low: 1.0e-5", "low: .nan"))
+    result = run("study", "submit", str(spec))
+    assert result.exit_code == 2
+    assert one_error_line(result).startswith("error: search_space.learning_rate.low: ")

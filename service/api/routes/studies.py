@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Response, status
+from fastapi import APIRouter, Body, Response, status
 
 from service import studies
-from service.api.deps import CtxDep, UserDep
+from service.api.deps import CtxDep, LimitQuery, OffsetQuery, StrictJSONRoute, StudyIdPath, UserDep
 from service.models import StudyStatus
 from service.schemas import (
-    MAX_PAGE,
     BestTrials,
     EnqueueRequest,
     EnqueueResult,
@@ -19,7 +18,7 @@ from service.schemas import (
     StudyDetail,
 )
 
-router = APIRouter(prefix="/studies", tags=["studies"])
+router = APIRouter(prefix="/studies", tags=["studies"], route_class=StrictJSONRoute)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or unknown token."},
@@ -57,39 +56,39 @@ def list_studies(
     ctx: CtxDep,
     user: UserDep,
     status: StudyStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: LimitQuery = 50,
+    offset: OffsetQuery = 0,
 ) -> StudiesPublic:
     """The caller's studies (an admin's: everyone's), newest first."""
     return studies.list_studies(ctx.db, user, status=status, limit=limit, offset=offset)
 
 
 @router.get("/{study_id}", responses=_ERRORS)
-def get_study(study_id: int, ctx: CtxDep, user: UserDep) -> StudyDetail:
+def get_study(study_id: StudyIdPath, ctx: CtxDep, user: UserDep) -> StudyDetail:
     """The spec, status, trial counts per state and the best trial."""
     return studies.get_study(ctx.db, user, study_id)
 
 
 @router.post("/{study_id}/cancel", responses={**_ERRORS, 409: {"description": "The study is not running."}})
-def cancel_study(study_id: int, ctx: CtxDep, user: UserDep) -> StudyDetail:
+def cancel_study(study_id: StudyIdPath, ctx: CtxDep, user: UserDep) -> StudyDetail:
     """Stop starting trials; running trials are told to stop at their next heartbeat."""
     return studies.cancel_study(ctx.db, user, study_id)
 
 
 @router.delete("/{study_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
-def delete_study(study_id: int, ctx: CtxDep, user: UserDep) -> Response:
+def delete_study(study_id: StudyIdPath, ctx: CtxDep, user: UserDep) -> Response:
     """Delete the study, its trials and its Optuna study."""
     studies.delete_study(ctx, user, study_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/{study_id}/best", responses=_ERRORS)
-def best(study_id: int, ctx: CtxDep, user: UserDep) -> BestTrials:
+def best(study_id: StudyIdPath, ctx: CtxDep, user: UserDep) -> BestTrials:
     """The best complete trial, or the Pareto front for several objectives."""
     return studies.best_trials(ctx.db, user, study_id)
 
 
 @router.post("/{study_id}/enqueue", status_code=status.HTTP_201_CREATED, responses=_ERRORS)
-def enqueue(study_id: int, body: EnqueueRequest, ctx: CtxDep, user: UserDep) -> EnqueueResult:
+def enqueue(study_id: StudyIdPath, body: EnqueueRequest, ctx: CtxDep, user: UserDep) -> EnqueueResult:
     """Queue configurations (searched knob -> value) to run before what the sampler proposes."""
     return studies.enqueue(ctx, user, study_id, body.configurations)

@@ -6,6 +6,7 @@ tables before and after the rejected request.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -275,3 +276,26 @@ def test_worker_token_is_403_on_user_endpoints(
     for method, path, body in [("POST", API, minilm_spec_data()), ("GET", API, None), ("GET", f"{API}/1", None)]:
         [(field, reason)] = problems(client.request(method, path, json=body, headers=worker_headers), 403)
         assert field == "authorization" and "worker" in reason
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(
+    client: TestClient, user_headers: dict[str, str], minilm_spec_data: Spec, unchanged: None, constant: str
+) -> None:
+    """Python's parser would take them; a range or a budget must never hold one."""
+    text = json.dumps(minilm_spec_data()).replace('"low": 1e-05', f'"low": {constant}')
+    assert constant in text
+    headers = {**user_headers, "Content-Type": "application/json"}
+    [(field, reason)] = problems(client.post(API, content=text, headers=headers), 422)
+    assert field == "body" and f"{constant.lstrip('-')} is not valid JSON" in reason
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/99999999999999999999", "/2147483648", "/0", "/1/trials/99999999999", "/1/trials/-1", "?offset=99999999999999"],
+)
+def test_numbers_a_database_cannot_hold_are_422(
+    client: TestClient, user_headers: dict[str, str], unchanged: None, path: str
+) -> None:
+    [(field, _)] = problems(client.get(f"{API}{path}", headers=user_headers), 422)
+    assert field in ("study_id", "number", "offset")

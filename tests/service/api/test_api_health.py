@@ -33,3 +33,23 @@ def test_readyz_is_503_when_the_database_is_down(tmp_path) -> None:  # type: ign
 def test_openapi_docs_are_served(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     assert client.get("/openapi.json").json()["info"]["title"] == "TuneForge"
+
+
+def test_an_internal_error_is_a_generic_500_and_logged(settings: Settings, caplog) -> None:  # type: ignore[no-untyped-def]
+    from fastapi import APIRouter
+
+    from service.api.app import API_ROUTERS
+
+    boom = APIRouter()
+
+    @boom.get("/boom")
+    def explode() -> None:
+        raise RuntimeError("secret internals")
+
+    app = create_app(settings, routers=[*API_ROUTERS, boom], lifespan_hooks=[])
+    with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level("ERROR"):
+        r = c.get("/api/v1/boom")
+    assert r.status_code == 500
+    assert r.json() == {"detail": [{"field": None, "reason": "internal server error; the server log has the details"}]}
+    assert "secret" not in r.text
+    assert any("internal error on GET /api/v1/boom" in rec.getMessage() and rec.exc_info for rec in caplog.records)
