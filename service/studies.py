@@ -192,13 +192,16 @@ def _warm_start_configs(s: Session, principal: Principal, spec: StudySpec) -> li
     if ws is None:
         return []
     field = "warm_start_from.study"
-    source: Study | None
+    source: Study | None = None
     if isinstance(ws.study, int):
-        source = visible_study(s, principal, ws.study)
+        if 1 <= ws.study <= MAX_DB_INT:  # a bigger id cannot exist, and would overflow the query
+            source = s.get(Study, ws.study)
+        if source is not None and not (principal.is_admin or source.owner == principal.owner):
+            source = None  # another user's study: not found, as everywhere
     else:
         source = s.scalars(select(Study).where(Study.owner == principal.owner, Study.name == ws.study)).first()
     if source is None:
-        raise NotFound(f"you have no study named {ws.study!r}", field=field)
+        raise NotFound(f"you have no study {ws.study!r} to warm-start from", field=field)
     if len(source.directions) != 1:
         raise Invalid(field, "warm start needs a single-objective source study")
     rows = s.scalars(
@@ -213,11 +216,11 @@ def _warm_start_configs(s: Session, principal: Principal, spec: StudySpec) -> li
         if not candidate:
             continue
         try:
-            optuna_bridge.check_params(spec, candidate)
+            checked = optuna_bridge.check_params(spec, candidate)
         except Invalid:
             continue
-        if candidate not in configs:
-            configs.append(candidate)
+        if checked not in configs:
+            configs.append(checked)
     return configs
 
 

@@ -198,10 +198,9 @@ def test_warm_start_from_another_users_study_is_not_found(
     client: TestClient, user_headers: dict[str, str], other_headers: dict[str, str], minilm_spec_data: Spec
 ) -> None:
     theirs = create(client, other_headers, minilm_spec_data(name="theirs"))
-    r = client.post(API, json=minilm_spec_data(warm_start_from={"study": theirs["id"]}), headers=user_headers)
-    assert r.status_code == 404
-    r = client.post(API, json=minilm_spec_data(warm_start_from={"study": "theirs"}), headers=user_headers)
-    assert r.status_code == 404 and r.json()["detail"][0]["field"] == "warm_start_from.study"
+    for study in (theirs["id"], 99_999_999_999, "theirs"):
+        r = client.post(API, json=minilm_spec_data(warm_start_from={"study": study}), headers=user_headers)
+        assert r.status_code == 404 and r.json()["detail"][0]["field"] == "warm_start_from.study"
 
 
 def test_a_failed_create_leaves_nothing_behind(
