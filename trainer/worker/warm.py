@@ -23,6 +23,10 @@ def prepare(*, gpu: bool, threads: int | None = None, quiet: bool = False) -> No
 
     import trainer.boundary  # noqa: F401
     import trainer.loop  # noqa: F401
+    from trainer.modeling.build import keep_tokenizers_warm
+
+    # Trials on a slot mostly share a model: its tokenizer is loaded and hashed once.
+    keep_tokenizers_warm()
 
     # Progress bars from every slot would interleave in the agent's log.
     transformers.utils.logging.disable_progress_bar()
