@@ -70,7 +70,8 @@ def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResul
     started = time.perf_counter()
     hp, run = config.hparams, config.run
     device = resolve_device(runtime.device)
-    runtime.work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir, cache_dir = Path(runtime.work_dir), Path(runtime.cache_dir)  # callers may pass str
+    work_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(run.seed)
     if device.type == "cuda":
         # TF32 matmuls for whatever runs in fp32 (the loss, fp32 trials): ~free precision-wise for fine-tuning.
@@ -80,7 +81,7 @@ def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResul
     # ---- data: tokenised once per machine, then read from the cache -----------------------------
     tokenizer = load_tokenizer(config)
     data: PreparedData = prepare_data(
-        config, tokenizer, runtime.cache_dir, tokenizer_key=tokenizer_fingerprint(tokenizer)
+        config, tokenizer, cache_dir, tokenizer_key=tokenizer_fingerprint(tokenizer)
     )
     num_labels = len(data.labels)
     log.info(
@@ -193,7 +194,7 @@ def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResul
         state.train_loss_sum = float(train_loss_sum)  # sync: checkpoints are rare
         state.elapsed_s = elapsed()
         folder = save_checkpoint(
-            runtime.work_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+            work_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
             config=config, labels=data.labels, tokenizer=built.tokenizer,
         )
         if runtime.on_checkpoint is not None:
@@ -270,9 +271,9 @@ def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResul
     # ---- the end: final evaluation and export ---------------------------------------------------
     final_evaluated = state.history and last_eval_step == state.step
     metrics = dict(state.history[-1][1]) if final_evaluated else evaluate_and_report()
-    exported = export(built, runtime.work_dir / "model", data.labels, config)
+    exported = export(built, work_dir / "model", data.labels, config)
     # Resumable checkpoints are useless once the trial is complete, and large.
-    shutil.rmtree(runtime.work_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     return TrialResult(
         metrics=metrics, step=state.step, history=list(state.history), checkpoint=exported, duration_s=elapsed()
     )
