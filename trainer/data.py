@@ -574,7 +574,7 @@ def epoch_order(split: TokenizedSplit, *, seed: int, epoch: int, class_balanced:
     With `class_balanced`, rows are drawn with replacement, weighted 1/class size, so
     each class is drawn about equally often; an epoch still has len(split) draws.
     """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
     n = len(split)
     if not class_balanced:
         return torch.randperm(n, generator=g).numpy()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.checkpoint import TrainState, export, load_checkpoint, save_checkpoint
+from trainer.checkpoint import TrainState, export, load_checkpoint, read_config, save_checkpoint
 from trainer.config import TrialConfig
 from trainer.data import PreparedData, TokenizedSplit, epoch_order, eval_batches, prepare_data
 from trainer.modeling.build import build_model, load_tokenizer, tokenizer_fingerprint
@@ -120,13 +120,17 @@ def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResul
     # ---- resume: model, optimizer, schedule, RNG and the position in the data order -------------
     state = TrainState()
     if runtime.resume_from is not None:
-        state = load_checkpoint(
-            Path(runtime.resume_from), model=model, optimizer=optimizer, scheduler=scheduler, labels=data.labels
-        )
+        resume_dir = Path(runtime.resume_from)
+        _check_same_trial(config, resume_dir)
+        state = load_checkpoint(resume_dir, model=model, optimizer=optimizer, scheduler=scheduler, labels=data.labels)
         log.info("resumed from %s at step %d (epoch %d)", runtime.resume_from, state.step, state.epoch)
 
     # ---- precision and compilation --------------------------------------------------------------
     use_bf16 = run.precision == "bf16" or (run.precision == "auto" and device.type == "cuda")
+    if use_bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if run.precision == "bf16":
+            raise ConfigError(f"run.precision: bf16 is not supported on {torch.cuda.get_device_name(device)}")
+        use_bf16 = False  # pre-Ampere GPUs: fp32 rather than an emulated, slower bf16
 
     def autocast() -> contextlib.AbstractContextManager[None]:
         if use_bf16:
@@ -153,12 +157,12 @@ def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResul
     def evaluate() -> Metrics:
         model.eval()
         confusion = torch.zeros(num_labels * num_labels, dtype=torch.long, device=device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for batch in batches(data.validation, eval_groups):
             logits = logits_of(batch)
             labels = batch["labels"]
             # Plain cross-entropy (no label smoothing), so losses compare across trials.
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             confusion += torch.bincount(labels * num_labels + logits.argmax(-1), minlength=num_labels**2)
         model.train()
         conf = confusion.view(num_labels, num_labels).cpu().double()  # sync: the evaluation's one read-back
@@ -175,7 +179,7 @@ def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResul
 
     # ---- the loop -------------------------------------------------------------------------------
     # Running sums stay on the device; reading them is a sync, done only at evaluations.
-    train_loss_sum = torch.tensor(state.train_loss_sum, dtype=torch.float64, device=device)
+    train_loss_sum = torch.tensor(state.train_loss_sum, dtype=torch.float32, device=device)  # (no float64 on MPS)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     checked_step = state.step
 
@@ -240,7 +244,7 @@ def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResul
                 (loss * (len(labels) / n_group)).backward()
                 loss = loss.detach()
                 nonfinite |= ~torch.isfinite(loss)
-                train_loss_sum += loss.double() * len(labels)
+                train_loss_sum += loss * len(labels)
                 state.train_loss_count += len(labels)
             if hp.max_grad_norm > 0:
                 norm = torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
@@ -277,6 +281,22 @@ def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResul
     return TrialResult(
         metrics=metrics, step=state.step, history=list(state.history), checkpoint=exported, duration_s=elapsed()
     )
+
+
+def _check_same_trial(config: TrialConfig, folder: Path) -> None:
+    """A checkpoint continues only the trial it came from: same knobs, same seed."""
+    try:
+        saved = read_config(folder)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"resume_from: {folder} holds no readable config.json ({exc})") from None
+    differ = [
+        f"hparams.{name}" for name in type(config.hparams).model_fields
+        if getattr(saved.hparams, name) != getattr(config.hparams, name)
+    ]
+    if saved.run.seed != config.run.seed:
+        differ.append("run.seed")
+    if differ:
+        raise ConfigError(f"resume_from: the checkpoint belongs to another trial ({', '.join(differ[:5])} differ)")
 
 
 def _fmt(metrics: Metrics) -> str:

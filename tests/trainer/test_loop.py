@@ -215,3 +215,15 @@ def test_cuda_bf16_compiled(make_config: Callable[..., Any], make_runtime: Calla
     config = make_config(hparams={"learning_rate": 5e-3, "epochs": 3}, run={"compile": True})
     result = loop.train(config, make_runtime(device="cuda"), recorder()[1])
     assert result.metrics["accuracy"] > 0.9
+
+
+def test_resume_refuses_another_trials_checkpoint(
+    make_config: Callable[..., Any], make_runtime: Callable[..., Any], tmp_path: Path
+) -> None:
+    with pytest.raises(TrialStopped):
+        loop.train(make_config(), make_runtime(work_dir=tmp_path / "a", should_stop=lambda: True), recorder()[1])
+    ckpt = latest_checkpoint(tmp_path / "a")
+    assert ckpt is not None
+    other = make_config(hparams={"learning_rate": 1e-4})
+    with pytest.raises(ConfigError, match=r"another trial \(hparams.learning_rate differ\)"):
+        loop.train(other, make_runtime(work_dir=tmp_path / "b", resume_from=ckpt), recorder()[1])
