@@ -104,8 +104,13 @@ def study_spec(name: str, n_trials: int, parallel: int, steps: int, smoke: bool)
     if smoke:
         model: dict[str, Any] = {"kind": "builtin"}
         fixed: dict[str, Any] = {
-            "batch_size": 16, "max_seq_len": 32, "epochs": 1,
-            "num_layers": 1, "num_heads": 2, "hidden_size": 32, "ffn_size": 64,
+            "batch_size": 16,
+            "max_seq_len": 32,
+            "epochs": 1,
+            "num_layers": 1,
+            "num_heads": 2,
+            "hidden_size": 32,
+            "ffn_size": 64,
         }
         run: dict[str, Any] = {"precision": "fp32", "compile": False}
         data = {"max_train_examples": 400, "max_eval_examples": 64}
@@ -183,6 +188,9 @@ def main() -> int:
     parser.add_argument("--gpu", default="0", help="CUDA_VISIBLE_DEVICES value of the GPU to pack.")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default $OUT/gpu_packing.json).")
     parser.add_argument("--phase-timeout", type=float, default=150.0)
+    parser.add_argument(
+        "--budget-s", type=float, default=330.0, help="Skip the phases left once this much time has passed."
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("httpx", "httpcore"):
@@ -222,14 +230,19 @@ def main() -> int:
             # Warm-up: one short trial per slot, so every slot has imported, built CUDA
             # state, tokenised (the shared cache) and compiled before anything is timed.
             warm_spec = study_spec("warm-up", most, most, max(4, steps // 20), args.smoke)
-            study, took = run_study(client, agent, warm_spec, args.phase_timeout * 2)
+            study, took = run_study(client, agent, warm_spec, min(args.phase_timeout * 2, args.budget_s))
             result["warmup_s"] = round(took, 1)
             result["slot_start_s"] = [round(r.slot.warm_s or 0, 1) for r in agent.runners]
             log.info("warm-up: %s in %.1f s", study["status"], took)
-            phases = []
+            phases: list[dict[str, Any]] = []
             for k in counts:
+                left = args.budget_s - (time.monotonic() - t_start)
+                if left < 20:
+                    phases.append({"slots": k, "skipped": f"time budget of {args.budget_s:.0f} s spent"})
+                    log.warning("skipping %d slots: time budget spent", k)
+                    continue
                 spec = study_spec(f"pack-{k}", k * args.trials_per_slot, k, steps, args.smoke)
-                study, took = run_study(client, agent, spec, args.phase_timeout)
+                study, took = run_study(client, agent, spec, min(args.phase_timeout, left))
                 figures = {"slots": k, "status": study["status"], "wall_s": round(took, 1)}
                 figures.update(phase_figures(agent, study["id"], batch))
                 phases.append(figures)

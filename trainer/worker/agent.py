@@ -120,8 +120,11 @@ class WorkerOptions:
     def slot_specs(self) -> list[SlotSpec]:
         cache = self.cache_dir.resolve()
         if self.gpus:
+            # GPU slots still use CPU threads (collation, the optimizer's host work,
+            # torch.compile's workers): the node's cores are split between them too.
+            threads = max(1, (os.cpu_count() or 1) // (len(self.gpus) * self.slots_per_gpu))
             return [
-                SlotSpec(name=f"gpu{gpu}/{i}", gpu=gpu, cache_dir=cache, log_level=self.slot_log_level)
+                SlotSpec(name=f"gpu{gpu}/{i}", gpu=gpu, cache_dir=cache, threads=threads, log_level=self.slot_log_level)
                 for gpu in self.gpus
                 for i in range(self.slots_per_gpu)
             ]

@@ -210,6 +210,10 @@ class Slot:
             # (or other work) the spinning starves the threads doing the math: measured on
             # 2 busy cores, a tiny trial took 3.7-8.5 s spinning and 0.7-1.2 s passive.
             env["OMP_WAIT_POLICY"] = "PASSIVE"
+        if self.spec.threads is not None and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+            # torch.compile starts a pool of compile workers per process, one per core by
+            # default: 16 slots on 16 cores would fork 256 of them while warming up.
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = str(self.spec.threads)
         return env
 
     def request_stop(self) -> None:
