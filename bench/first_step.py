@@ -94,9 +94,8 @@ def main() -> None:
         work = Path(tmp)
         for i in range(args.trials + 1):
             config = config_for(args, seed=i, lr=5e-5 * (1 + i))
-            runtime = Runtime(
-                work_dir=work / f"t{i}", cache_dir=work / "cache", device=args.device, on_step=stop_after_first
-            )
+            runtime = Runtime(work_dir=work / f"t{i}", cache_dir=work / "cache", device=args.device,
+                              on_step=stop_after_first)
             clock.marks.clear()
             t0 = time.perf_counter()
             with contextlib.suppress(FirstStep):
@@ -110,10 +109,8 @@ def main() -> None:
             rows.append(row)
 
     names = [*PHASES.values(), "first step done"]
-    print(
-        f"\nmodel {args.model}, device {args.device}, batch {args.batch_size}, seq <= {args.seq_len}, "
-        f"threads {torch.get_num_threads()}; seconds since the config arrived, {len(rows)} trials"
-    )
+    print(f"\nmodel {args.model}, device {args.device}, batch {args.batch_size}, seq <= {args.seq_len}, "
+          f"threads {torch.get_num_threads()}; seconds since the config arrived, {len(rows)} trials")
     print("| phase | median s | max s |\n| --- | --- | --- |")
     for name in names:
         values = [r[name] for r in rows if name in r]

@@ -78,21 +78,16 @@ def run_one(args: argparse.Namespace, work: Path, data: Path, batch: int, compil
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    runtime = Runtime(
-        work_dir=work / f"b{batch}-{int(compiled)}", cache_dir=work / "cache", device=str(device), on_step=on_step
-    )
+    runtime = Runtime(work_dir=work / f"b{batch}-{int(compiled)}", cache_dir=work / "cache", device=str(device),
+                      on_step=on_step)
     train(config, runtime, lambda step, metrics: False)
     wall = time.perf_counter() - started
     rate = (args.steps - args.warmup) * batch / (marks[args.steps] - marks[args.warmup])
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {
-        "mode": ("bf16 compiled" if compiled else "bf16 eager")
-        if device.type == "cuda"
-        else ("fp32 compiled" if compiled else "fp32 eager"),
-        "batch": batch,
-        "samples_per_s": rate,
-        "peak_gib": peak,
-        "wall_s": wall,
+        "mode": ("bf16 compiled" if compiled else "bf16 eager") if device.type == "cuda" else
+        ("fp32 compiled" if compiled else "fp32 eager"),
+        "batch": batch, "samples_per_s": rate, "peak_gib": peak, "wall_s": wall,
     }
 
 
@@ -126,17 +121,12 @@ def main() -> None:
             for batch in batches:
                 row = run_one(args, work, data, batch, compiled=mode == "compiled")
                 results.append(row)
-                print(
-                    f"{row['mode']:>14} batch {batch:>3}: {row['samples_per_s']:8.1f} samples/s, "
-                    f"peak {row['peak_gib']:.2f} GiB, {row['wall_s']:.1f}s",
-                    flush=True,
-                )
+                print(f"{row['mode']:>14} batch {batch:>3}: {row['samples_per_s']:8.1f} samples/s, "
+                      f"peak {row['peak_gib']:.2f} GiB, {row['wall_s']:.1f}s", flush=True)
 
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    print(
-        f"\n{args.model} on {name}, seq {args.seq_len} (filled), {args.steps} steps "
-        f"({args.steps - args.warmup} timed), total {time.perf_counter() - t0:.0f}s"
-    )
+    print(f"\n{args.model} on {name}, seq {args.seq_len} (filled), {args.steps} steps "
+          f"({args.steps - args.warmup} timed), total {time.perf_counter() - t0:.0f}s")
     print("| mode | batch | samples/s | peak GiB |\n| --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['mode']} | {r['batch']} | {r['samples_per_s']:.0f} | {r['peak_gib']:.2f} |")

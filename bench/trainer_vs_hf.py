@@ -44,13 +44,8 @@ def make_config(args: argparse.Namespace) -> TrialConfig:
             "dataset": {"kind": "named", "name": "tweets-sentiment"},
             "data": {"max_train_examples": args.steps * args.batch_size, "max_eval_examples": 64},
             "hparams": {
-                "learning_rate": 5e-5,
-                "batch_size": args.batch_size,
-                "epochs": 1,
-                "max_seq_len": args.seq_len,
-                "num_layers": args.num_layers,
-                "scheduler": "linear",
-                "warmup_ratio": 0.0,
+                "learning_rate": 5e-5, "batch_size": args.batch_size, "epochs": 1, "max_seq_len": args.seq_len,
+                "num_layers": args.num_layers, "scheduler": "linear", "warmup_ratio": 0.0,
             },
             "run": {"seed": 0, "max_steps": args.steps, "checkpoint_every_eval": False},
         }
@@ -123,10 +118,7 @@ def run_hf(config: TrialConfig, device: torch.device, work: Path, warmup: int) -
         seed=config.run.seed,
     )
     trainer = Trainer(
-        model=built.model,
-        args=targs,
-        train_dataset=rows,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        model=built.model, args=targs, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=[Clock()],
     )
     trainer.train()
@@ -164,10 +156,8 @@ def main() -> None:
         hf = run_hf(config, device, work, args.warmup)
         ours2 = run_ours(config, device, work, args.warmup)
     ours = (ours1 + ours2) / 2
-    print(
-        f"\nmodel {args.model}, device {device}, batch {args.batch_size}, seq <= {args.seq_len}, "
-        f"{args.steps} steps ({args.steps - args.warmup} timed), threads {torch.get_num_threads()}"
-    )
+    print(f"\nmodel {args.model}, device {device}, batch {args.batch_size}, seq <= {args.seq_len}, "
+          f"{args.steps} steps ({args.steps - args.warmup} timed), threads {torch.get_num_threads()}")
     print("| loop | samples/s |\n| --- | --- |")
     print(f"| ours (run 1 / run 2) | {ours1:.1f} / {ours2:.1f} |")
     print(f"| transformers.Trainer | {hf:.1f} |")
