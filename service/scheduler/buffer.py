@@ -9,10 +9,10 @@ when a lease finds the buffer empty.
 
 Budget: a ready row reserves one unit of n_trials (`n_started + fresh waiting <
 n_trials` is checked under the study lock before the row is inserted), so buffers
-never overshoot. Several API processes may fill the same study; on PostgreSQL a
-session advisory lock lets one filler work on a study at a time, and the guarded
-insert stays the final word: an ask that lost the race is told FAIL with the user
-attribute `tf_discarded`.
+never overshoot. Asks run in parallel (FILLERS threads per process, each study with
+up to warm.MAX_ASKERS samplers, and several API processes), so near the end of the
+budget a few asks may find it taken: the guarded insert is the final word, and such
+an ask is told FAIL with the user attribute `tf_discarded`.
 
 Enqueued configurations (warm start, `POST .../enqueue`) are WAITING tf rows that
 point at a WAITING Optuna trial with fixed params. Optuna's `ask()` pops those first;
@@ -30,12 +30,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, select, text
+from sqlalchemy import and_, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -48,9 +46,6 @@ if TYPE_CHECKING:
     from service.scheduler.leases import Scheduler
 
 log = logging.getLogger(__name__)
-
-# PostgreSQL advisory lock namespace ("TF" filler); the second key is the study id.
-_ADVISORY_CLASS = 0x5446
 
 
 @dataclass(frozen=True)
@@ -87,8 +82,13 @@ def buffer_states(s: Session, study_ids: list[int] | None = None) -> list[Buffer
 DEMAND_WINDOW_S = 300.0
 
 
+# Background filler threads per API process: their asks overlap each other's waits on
+# the database (and the lease path's own asks when a buffer runs dry).
+FILLERS = 2
+
+
 class Buffer:
-    """Keeps a few ready trials per running study; one background thread per process."""
+    """Keeps a few ready trials per running study, with FILLERS background threads."""
 
     def __init__(self, scheduler: Scheduler, size: int) -> None:
         self._sched = scheduler
@@ -96,7 +96,7 @@ class Buffer:
         self._last_demand = -math.inf
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def target(self, max_parallel: int) -> int:
         return max(1, min(self.size, max_parallel))
@@ -104,18 +104,20 @@ class Buffer:
     # ------------------------------------------------------------------ background thread
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="tuneforge-buffer", daemon=True)
-        self._thread.start()
+        for i in range(FILLERS):
+            thread = threading.Thread(target=self._loop, args=(i == 0,), name=f"tuneforge-buffer-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads = []
 
     def wake(self) -> None:
         self._wake.set()
@@ -128,9 +130,25 @@ class Buffer:
     def in_demand(self) -> bool:
         return time.monotonic() - self._last_demand < DEMAND_WINDOW_S
 
-    def _loop(self) -> None:
+    def warm_all(self) -> None:
+        """Load every running study now (a restarted process reads each study once, here,
+        rather than in the first lease or report that needs it)."""
+        with self._sched.db.scope() as s:
+            ids = s.scalars(select(Study.id).where(Study.status == StudyStatus.RUNNING)).all()
+        for study_id in ids:
+            if self._stop.is_set():
+                return
+            self._sched.warm.get(study_id)
+
+    def _loop(self, first: bool) -> None:
+        if first:
+            try:
+                self.warm_all()
+            except (DBAPIError, DomainError) as exc:
+                log.warning("warming the running studies failed: %s", exc)
         while not self._stop.is_set():
-            self._wake.wait(timeout=1.0)
+            # One wake-up reaches one thread at once; the others look again soon anyway.
+            self._wake.wait(timeout=0.25)
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -167,34 +185,29 @@ class Buffer:
     def fill_one(self, study_id: int, *, blocking: bool) -> bool:
         """Ask one trial for the study and store it as a ready row.
 
-        blocking=False (background): skip the study when another thread or process is
-        filling it. blocking=True (a lease found no ready row): wait for this process's
-        filler; returns True at once if a ready row appeared meanwhile.
+        blocking=False (background): skip the study when its askers are all busy.
+        blocking=True (a lease found no ready row): wait for an asker; returns True at
+        once if a ready row appeared meanwhile.
         """
         warm = self._sched.warm.get(study_id)
-        if not warm.ask_lock.acquire(blocking=blocking):
-            return False
-        try:
-            with self._advisory(study_id, blocking=blocking) as held:
-                if not held:
-                    return False
-                with self._sched.db.scope() as s:
-                    states = buffer_states(s, [study_id])
-                if not states:
-                    return False
-                st = states[0]
-                if blocking and st.ready > 0:
-                    return True
-                if not st.wants(self.target(st.max_parallel) if not blocking else 1):
-                    return False
-                return self._ask_and_store(warm, study_id)
-        finally:
-            warm.ask_lock.release()
+        with warm.asker(blocking=blocking) as study:
+            if study is None:
+                return False
+            with self._sched.db.scope() as s:
+                states = buffer_states(s, [study_id])
+            if not states:
+                return False
+            st = states[0]
+            if blocking and st.ready > 0:
+                return True
+            if not st.wants(1 if blocking else self.target(st.max_parallel)):
+                return False
+            return self._ask_and_store(warm, study, study_id)
 
-    def _ask_and_store(self, warm: Any, study_id: int) -> bool:
+    def _ask_and_store(self, warm: Any, study: Any, study_id: int) -> bool:
         from service.optuna_bridge import suggest_params
 
-        trial = warm.study.ask()
+        trial = study.ask()
         params = suggest_params(trial, warm.spec)
         stored = self._sched.db.run(lambda s: _store(s, study_id, trial._trial_id, trial.number, params))
         if stored is None:
@@ -202,24 +215,6 @@ class Buffer:
             return False
         self._sched.sampled.add(trial._trial_id)
         return True
-
-    @contextmanager
-    def _advisory(self, study_id: int, *, blocking: bool) -> Iterator[bool]:
-        """Cross-process: one filler per study at a time (PostgreSQL only)."""
-        if self._sched.settings.is_sqlite or blocking:
-            yield True
-            return
-        with self._sched.db.engine.connect() as conn:
-            got = conn.execute(
-                text("SELECT pg_try_advisory_lock(:c, :o)"), {"c": _ADVISORY_CLASS, "o": study_id}
-            ).scalar_one()
-            conn.commit()
-            try:
-                yield bool(got)
-            finally:
-                if got:
-                    conn.execute(text("SELECT pg_advisory_unlock(:c, :o)"), {"c": _ADVISORY_CLASS, "o": study_id})
-                    conn.commit()
 
 
 def _store(s: Session, study_id: int, optuna_trial_id: int, number: int, params: dict[str, Any]) -> int | None:

@@ -15,7 +15,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Container
+from collections.abc import Container, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,30 @@ class _PrunerStudy(optuna.Study):
         return copy.deepcopy(trials) if deepcopy else list(trials)
 
 
+class AskStudy(optuna.Study):
+    """An `optuna.Study` that reads the study's trials once per ask.
+
+    With the constant liar, TPE re-reads every trial for each sampler call of an ask
+    (relative space, relative sample, each independent param), to see other workers'
+    RUNNING trials as late as possible; each read re-loads every unfinished trial with
+    its params and attributes. Here every read of one ask shares the first one (what
+    Optuna does without the constant liar): other asks started within those few
+    milliseconds are missed, the same as any ask that starts just before another.
+    `ask()` and `tell()` reset the per-thread cache on entry, so nothing outlives a call.
+    """
+
+    def _get_trials(
+        self, deepcopy: bool = True, states: Container[OptunaTrialState] | None = None, use_cache: bool = False
+    ) -> list[FrozenTrial]:
+        return super()._get_trials(deepcopy, states, use_cache=True)
+
+
+# Asks of one study running at once in one process, each with its own sampler object
+# (a sampler's caches are not thread-safe). Asks wait on the database about two thirds
+# of their time, so a few overlap well even under the GIL.
+MAX_ASKERS = 3
+
+
 @dataclass
 class WarmStudy:
     study_id: int
@@ -86,10 +111,49 @@ class WarmStudy:
     objectives: list[str]
     directions: list[str]
     study: optuna.Study
-    # The sampler keeps caches (search space, RNG) that are not thread-safe: one ask at a time.
-    ask_lock: threading.Lock = field(default_factory=threading.Lock)
 
     _pruner_study: _PrunerStudy | None = field(default=None, init=False, repr=False)
+    _free: list[optuna.Study] = field(default_factory=list, init=False, repr=False)
+    _made: int = field(default=0, init=False, repr=False)
+    _askers: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+
+    @contextmanager
+    def asker(self, *, blocking: bool) -> Iterator[optuna.Study | None]:
+        """A study object to ask with, held by this thread; None when all are busy and
+        not `blocking`. The first is `self.study`; the others share its storage and
+        cache but have their own sampler (reseeded, so seeded random startup trials of
+        parallel asks are not all the same point)."""
+        study: optuna.Study | None = None
+        create = False
+        with self._askers:
+            while study is None and not create:
+                if self._free:
+                    study = self._free.pop()
+                elif self._made < MAX_ASKERS:
+                    self._made += 1
+                    create = True
+                elif not blocking:
+                    break
+                else:
+                    self._askers.wait()
+        if create:
+            study = self.study if self._made == 1 else self._new_asker()
+        try:
+            yield study
+        finally:
+            if study is not None:
+                with self._askers:
+                    self._free.append(study)
+                    self._askers.notify()
+
+    def _new_asker(self) -> optuna.Study:
+        from service.optuna_bridge import make_pruner, make_sampler
+
+        sampler = make_sampler(self.spec, parallel=self.spec.budget.max_parallel > 1)
+        sampler.reseed_rng()
+        return AskStudy(
+            study_name=self.optuna_name, storage=self.study._storage, sampler=sampler, pruner=make_pruner(self.spec)
+        )
 
     @property
     def multi_objective(self) -> bool:
@@ -171,7 +235,7 @@ class WarmStudies:
 
     def _load(self, study_id: int) -> WarmStudy:
         from service.models import Study
-        from service.optuna_bridge import load_optuna_study, objective_metrics
+        from service.optuna_bridge import make_pruner, make_sampler, objective_metrics
         from service.spec import StudySpec
 
         with self._ctx.db.scope() as s:
@@ -182,7 +246,16 @@ class WarmStudies:
             objectives = list(row.objectives or [])
             directions = [str(d) for d in row.directions]
         spec = StudySpec.model_validate(spec_json)
-        study = load_optuna_study(spec, self._ctx.storage, optuna_name)
+        # What optuna_bridge.load_optuna_study does, as an AskStudy.
+        try:
+            study = AskStudy(
+                study_name=optuna_name,
+                storage=self._ctx.storage,
+                sampler=make_sampler(spec, parallel=spec.budget.max_parallel > 1),
+                pruner=make_pruner(spec),
+            )
+        except KeyError:
+            raise NotFound(f"no Optuna study named {optuna_name!r}") from None
         # Read every trial once now (the slow part), not on the first lease.
         study._get_trials(deepcopy=False, use_cache=False)
         log.info("warmed study %s (%s)", study_id, optuna_name)
