@@ -7,6 +7,7 @@ with a live view of the trials. `study watch` follows one study until it ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -172,7 +173,8 @@ def study_watch(
 ) -> None:
     """Follow a study with progress bars until it ends; exit 0 when it completed."""
     study = _watch(make_client(server, token), study_id, interval)
-    console.print(_study_line(study))
+    if console.is_terminal:
+        console.print(_study_line(study))
     raise typer.Exit(0 if study["status"] == "completed" else EXIT_STUDY_NOT_COMPLETED)
 
 
@@ -180,9 +182,15 @@ def study_watch(
 def _watch(client: TuneForgeClient, study_id: int, interval: float) -> dict[str, Any]:
     view = StudyProgress()
     study = client.get_study(study_id)
-    with Live(view.progress, console=console, refresh_per_second=4, transient=False):
+    # Progress bars on a terminal; one line per change in a log or a pipe.
+    live = Live(view.progress, console=console, refresh_per_second=4) if console.is_terminal else None
+    last = ""
+    with live or contextlib.nullcontext():
         while True:
             view.update(study)
+            if live is None and _study_line(study) != last:
+                last = _study_line(study)
+                console.print(last)
             if study["status"] != "running":
                 return study
             time.sleep(interval)
@@ -190,7 +198,7 @@ def _watch(client: TuneForgeClient, study_id: int, interval: float) -> dict[str,
                 study = client.get_study(study_id)
             except ServerUnavailable as exc:
                 # The watch outlives a server restart; the bar just stops moving meanwhile.
-                console.log(f"[yellow]server unreachable ({exc}); still watching")
+                console.print(f"[yellow]server unreachable ({exc}); still watching")
 
 
 # ---------------------------------------------------------------------------- up

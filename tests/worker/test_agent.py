@@ -84,6 +84,17 @@ def test_burst_worker_runs_a_study_to_completion(api: TuneForgeClient, make_spec
     assert agent.ended == {"complete": 3}
     assert agent.slot_gaps() and max(agent.slot_gaps()) < 5.0
 
+    # `tuneforge study watch` follows it to the end: here it has ended, so it says so and exits 0.
+    from typer.testing import CliRunner
+
+    from service.cli.main import app
+
+    watched = CliRunner().invoke(
+        app, ["study", "watch", str(study["id"]), "--server", server.url, "--token", api.token]
+    )
+    assert watched.exit_code == 0, watched.output
+    assert "burst (completed): 3 complete, 0 pruned, 0 failed" in watched.output
+
 
 @SQLITE_ONLY
 def test_pruning_answer_stops_the_trial_at_the_pruned_step(api: TuneForgeClient, make_spec, run_agent) -> None:

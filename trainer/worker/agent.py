@@ -454,6 +454,10 @@ class SlotRunner:
         work = (self.agent.options.work_dir / f"lease-{g.lease_id}").resolve()
         work.mkdir(parents=True, exist_ok=True)
         resume = self._fetch_resume(trial, work) if g.resume_checkpoint else None
+        if trial.lost:
+            self.agent.release(trial)
+            shutil.rmtree(work, ignore_errors=True)
+            return
         log.info(
             "trial start: %s on slot %s (lease %s%s)",
             trial.label(),
@@ -527,6 +531,7 @@ class SlotRunner:
         except ServerUnavailable:
             return None  # shutting down; the trial is handed back before it starts
         except ClientError as exc:
+            trial.lost = is_lease_lost(exc)
             log.warning("no checkpoint to resume %s from: %s", trial.label(), exc)
             return None
         if step is None:
@@ -875,6 +880,8 @@ class Agent:
                     break
                 failures = 0
                 if grant is None:
+                    for r in idle:
+                        r.last_end = None  # it waits for work now: the next gap would measure the wait
                     break
                 granted = True
                 runner.assign(grant)
