@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
 
 from trainer.checkpoint import TrainState, export, load_checkpoint, read_config, save_checkpoint
 from trainer.config import TrialConfig
@@ -60,6 +61,25 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
+_fingerprints: dict[tuple[object, ...], str] = {}
+
+
+def cached_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """`tokenizer_fingerprint`, remembered per tokenizer folder and file versions.
+
+    Hashing serialises the whole vocabulary (~0.3 s for MiniLM); a warm process pays it
+    once per tokenizer, not once per trial.
+    """
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if not folder.is_dir():
+        return tokenizer_fingerprint(tokenizer)
+    files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    key = (str(folder.resolve()), type(tokenizer).__name__, files)
+    if key not in _fingerprints:
+        _fingerprints[key] = tokenizer_fingerprint(tokenizer)
+    return _fingerprints[key]
+
+
 def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResult:
     """Fine-tune one trial's model to the end of its budget and return its final metrics.
 
@@ -81,7 +101,7 @@ def train(config: TrialConfig, runtime: Runtime, report: ReportFn) -> TrialResul
     # ---- data: tokenised once per machine, then read from the cache -----------------------------
     tokenizer = load_tokenizer(config)
     data: PreparedData = prepare_data(
-        config, tokenizer, cache_dir, tokenizer_key=tokenizer_fingerprint(tokenizer)
+        config, tokenizer, cache_dir, tokenizer_key=cached_fingerprint(tokenizer)
     )
     num_labels = len(data.labels)
     log.info(
