@@ -23,6 +23,7 @@ import decimal
 import importlib.util
 import inspect
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -675,8 +676,11 @@ def create_optuna_study(spec: StudySpec, storage: BaseStorage, study_name: str) 
         )
     except optuna.exceptions.DuplicatedStudyError:
         raise Conflict(f"an Optuna study named {study_name!r} already exists") from None
-    # names the objectives in optuna-dashboard and Study.trials_dataframe()
-    study.set_metric_names(objective_metrics(spec))
+    # names the objectives in optuna-dashboard and Study.trials_dataframe(); the API is
+    # marked experimental, and a warning on every study create would only be noise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(objective_metrics(spec))
     return study
 
 

@@ -639,3 +639,11 @@ def test_good_options_pass(minilm_spec_data: SpecData, spec_data_root: Path) -> 
         pruner={"name": "median", "options": {"n_startup_trials": 3, "n_warmup_steps": 100}},
     )
     check_spec(StudySpec.model_validate(data), [spec_data_root])
+
+
+def test_nan_bound_is_rejected(minilm_spec_data: SpecData) -> None:
+    data = minilm_spec_data(search_space={"learning_rate": {"type": "float", "low": float("nan"), "high": 1e-3}})
+    with pytest.raises(ValidationError) as err:
+        StudySpec.model_validate(data)
+    fields = [field for field, _ in validation_messages(err.value)]
+    assert "search_space.learning_rate.low" in fields
