@@ -54,7 +54,8 @@ def lock_study(s: Session, study_id: int, *, skip_locked: bool = False) -> Study
 
 def guarded_update(s: Session, model: Any, where: list[Any], values: dict[str, Any]) -> int:
     """UPDATE ... WHERE <expected state>; the rowcount says whether we won the race."""
-    stmt = update(model).where(*where).values(**values).execution_options(synchronize_session=False)
+    # A Core UPDATE on the mapped table: no ORM bulk-update machinery on the hot paths.
+    stmt = update(model.__table__).where(*where).values(**values)
     return int(s.execute(stmt).rowcount or 0)  # type: ignore[attr-defined]
 
 

@@ -157,7 +157,7 @@ _LEASE_CACHE = 50_000
 class Scheduler:
     """Grants and tracks leases for one API process. Thread-safe; build with `get_scheduler`."""
 
-    def __init__(self, ctx: ServiceContext, *, buffer_size: int = 4) -> None:
+    def __init__(self, ctx: ServiceContext, *, buffer_size: int = 6) -> None:
         self.ctx = ctx
         self.db = ctx.db
         self.settings = ctx.settings

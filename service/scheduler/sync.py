@@ -67,14 +67,16 @@ def ensure_running(warm: WarmStudy, optuna_trial_id: int) -> None:
 
     Enqueued configurations (`studies.enqueue`, warm start) are tf rows pointing at a
     WAITING Optuna trial. Whoever runs it first pops it: `ask()` in the buffer, or the
-    grant that claimed its row. A False from the state change means another process
-    popped it, and that process records the params.
+    grant that claimed its row. Optuna's state change to RUNNING succeeds only from
+    WAITING (False for a trial that already runs, as a pre-asked one does), so this
+    costs one short transaction when there is nothing to do.
     """
     storage = warm.study._storage
-    frozen = storage.get_trial(optuna_trial_id)
-    if frozen.state != TrialState.WAITING:
-        return
-    if storage.set_trial_state_values(optuna_trial_id, state=TrialState.RUNNING):
+    try:
+        popped = storage.set_trial_state_values(optuna_trial_id, state=TrialState.RUNNING)
+    except UpdateFinishedTrialError:
+        return  # told already (a repaired crash): nothing to pop
+    if popped:
         from service.optuna_bridge import suggest_params
 
         # Define-by-run over the trial's fixed params: stores each param with the
