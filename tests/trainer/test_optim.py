@@ -116,6 +116,12 @@ def test_constant_with_and_without_warmup() -> None:
     assert warm == pytest.approx([0.075, 0.15, 0.225, 0.3, 0.3, 0.3, 0.3, 0.3])
 
 
+def test_fused_kernels_where_they_exist() -> None:
+    for name in ("adamw", "adam", "sgd"):
+        assert build_optimizer(Block(), Hyperparams(optimizer=name), "cpu").defaults["fused"] is True
+    assert build_optimizer(Block(), Hyperparams(optimizer="rmsprop"), "cpu").defaults["foreach"] is True
+
+
 @pytest.mark.gpu
 def test_adamw_is_fused_on_cuda() -> None:
     if not torch.cuda.is_available():
