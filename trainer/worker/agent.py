@@ -721,6 +721,8 @@ class Agent:
             shutil.rmtree(work, ignore_errors=True)
         with self._lock:
             self.ended[ending.kind] = self.ended.get(ending.kind, 0) + 1
+        # A study at its max_parallel answers "no work" until this end has landed: ask again now.
+        self.wake()
         took = f" in {ending.duration_s:.1f} s"
         lost = "" if answered else " (not recorded: lease lost)"
         if ending.kind == "complete":
@@ -880,8 +882,6 @@ class Agent:
                     break
                 failures = 0
                 if grant is None:
-                    for r in idle:
-                        r.last_end = None  # it waits for work now: the next gap would measure the wait
                     break
                 granted = True
                 runner.assign(grant)
