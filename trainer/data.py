@@ -257,9 +257,12 @@ def label_key(value: Any) -> str | None:
             return None
         return str(int(value)) if float(value).is_integer() else repr(float(value))
     text = str(value).strip()
+    if _INTEGRAL_FLOAT.fullmatch(text):  # '3.0': an integer label written by a float column
+        return str(int(text.split(".")[0]))
     return text or None
 
 
+_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0+")
 _INT = re.compile(r"[+-]?\d+")
 
 
@@ -267,7 +270,7 @@ def sorted_labels(keys: set[str] | Sequence[str]) -> list[str]:
     """Label order for the map: numerically when every label is an integer (so '10' follows '9')."""
     keys = set(keys)
     if all(_INT.fullmatch(k) for k in keys):
-        return sorted(keys, key=int)
+        return sorted(keys, key=lambda k: (int(k), k))  # '01' and '1' tie on int: break it, never by set order
     return sorted(keys)
 
 

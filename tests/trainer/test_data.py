@@ -94,7 +94,9 @@ def test_json_array_and_tsv_and_gzip(tmp_path: Path, make_config: Callable[..., 
 def test_integer_labels_sort_numerically() -> None:
     assert sorted_labels({"10", "2", "1"}) == ["1", "2", "10"]
     assert sorted_labels({"b", "a", "10"}) == ["10", "a", "b"]
-    assert label_key(3) == label_key(3.0) == label_key(" 3 ") == "3"
+    assert label_key(3) == label_key(3.0) == label_key(" 3 ") == label_key("3.0") == "3"
+    assert label_key("1.5") == "1.5" and label_key("007") == "007"
+    assert sorted_labels({"1", "01", "2"}) == ["01", "1", "2"]  # ties broken by text, not by set order
     assert label_key(float("nan")) is None and label_key("") is None and label_key(None) is None
 
 
