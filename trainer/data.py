@@ -49,7 +49,7 @@ from trainer.outcome import ConfigError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "tuneforge-tokens/1"
+CACHE_FORMAT = "tuneforge-tokens/2"
 """Bump when the cache file layout or tokenisation rules change: old entries are then ignored."""
 
 _TOKENIZE_CHUNK = 2048  # rows per tokenizer call: big enough for the Rust tokenizer's batching, small in memory
