@@ -97,24 +97,34 @@ def test_burst_worker_runs_a_study_to_completion(api: TuneForgeClient, make_spec
 
 
 @SQLITE_ONLY
-def test_pruning_answer_stops_the_trial_at_the_pruned_step(api: TuneForgeClient, make_spec, run_agent) -> None:
+def test_pruning_answer_and_trial_timeout_stop_trials(api: TuneForgeClient, make_spec, run_agent) -> None:
     # The threshold pruner prunes any loss above `upper` once past its warm-up steps: the
     # report at step 3 is inside the warm-up, the one at step 6 is pruned.
-    spec = make_spec(
-        "prune",
-        pruner={"name": "threshold", "options": {"upper": 1e-6, "n_warmup_steps": 5}},
-        fixed={"epochs": 3},
-        budget={"n_trials": 1},
+    pruned = api.create_study(
+        make_spec(
+            "prune",
+            pruner={"name": "threshold", "options": {"upper": 1e-6, "n_warmup_steps": 5}},
+            fixed={"epochs": 3},
+            budget={"n_trials": 1},
+        )
     )
-    study = api.create_study(spec)
+    # A trial running past its study's trial_timeout_s is stopped and failed as a timeout.
+    timed = api.create_study(
+        make_spec("timeout", fixed=LONG, budget={"n_trials": 1, "max_retries": 0, "trial_timeout_s": 2.0})
+    )
     agent, thread = run_agent(burst=True)
     thread.join(timeout=400)
     assert not thread.is_alive()
-    t = api.get_trial(study["id"], 0)
+
+    t = api.get_trial(pruned["id"], 0)
     assert t["state"] == "pruned"
     assert reports(t, 1) == [3, 6], "training stopped at the report that was answered prune=True"
-    assert agent.ended == {"pruned": 1}
-    assert api.get_study(study["id"])["status"] == "completed"
+    assert api.get_study(pruned["id"])["status"] == "completed"
+
+    t = api.get_trial(timed["id"], 0)
+    assert t["state"] == "failed" and t["failure_reason"] == "timeout"
+    assert max(reports(t, 1), default=0) < 9 * LONG["epochs"], "stopped long before the end of its budget"
+    assert agent.ended == {"pruned": 1, "failed": 1}
 
 
 @SQLITE_ONLY
