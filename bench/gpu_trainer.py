@@ -101,7 +101,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run: batch 4, 4 steps, seq 32, eager")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.smoke:
         args.device, args.batch_sizes, args.modes = "cpu", "4", "eager"
         args.steps, args.warmup, args.seq_len = 4, 1, 32
