@@ -379,7 +379,8 @@ async def _agent(client: Any, name: str, done: asyncio.Event, lv: Level) -> None
             lv.lat["complete"].append(time.perf_counter() - t0)
 
 
-async def _run_agents(api: Api, worker_token: str, user_token: str, study_id: int, lv: Level, target: int) -> None:
+async def _run_agents(api: Api, worker_token: str, user_token: str, study_id: int, lv: Level, count: int) -> None:
+    """Run lv.agents agents until `count` more trials of the study have finished."""
     import httpx
 
     done = asyncio.Event()
@@ -389,24 +390,28 @@ async def _run_agents(api: Api, worker_token: str, user_token: str, study_id: in
         httpx.AsyncClient(base_url=api.url, headers=headers, limits=limits, timeout=120) as client,
         httpx.AsyncClient(base_url=api.url, headers={"Authorization": f"Bearer {user_token}"}) as user,
     ):
+
+        async def finished() -> tuple[int, str]:
+            study = (await user.get(f"/api/v1/studies/{study_id}")).json()
+            return study["n_complete"] + study["n_pruned"] + study["n_failed"], study["status"]
+
+        first, _ = await finished()
         start = time.perf_counter()
         tasks = [asyncio.create_task(_agent(client, f"agent-{i}", done, lv)) for i in range(lv.agents)]
-        finished = 0
         while True:
-            study = (await user.get(f"/api/v1/studies/{study_id}")).json()
-            finished = study["n_complete"] + study["n_pruned"] + study["n_failed"]
-            if study["status"] != "running" or finished >= target:
+            now, status = await finished()
+            if status != "running" or now - first >= count:
                 break
             await asyncio.sleep(0.1)
         lv.elapsed = time.perf_counter() - start
-        lv.trials = finished
-        done.set()
+        lv.trials = now - first
+        done.set()  # agents finish the trial in hand, then stop
         await asyncio.gather(*tasks)
 
 
-def run_tuneforge(api: Api, tokens: dict[str, str], study_id: int, agents: int, trials: int, scenario: str) -> Level:
+def run_tuneforge(api: Api, tokens: dict[str, str], study_id: int, agents: int, count: int, scenario: str) -> Level:
     lv = Level("tuneforge", scenario, agents)
-    asyncio.run(_run_agents(api, tokens["worker"], tokens["user"], study_id, lv, trials))
+    asyncio.run(_run_agents(api, tokens["worker"], tokens["user"], study_id, lv, count))
     return lv
 
 
@@ -619,8 +624,7 @@ def main() -> None:
             trials = per_level.get(n, default_trials)
             study_id, _ = create_study(api, tokens["user"], f"fresh-{n}", trials + 1)
             warm_up(api, tokens["worker"])
-            lv = run_tuneforge(api, tokens, study_id, n, trials + 1, "fresh")
-            lv.trials -= 1  # the warm-up trial
+            lv = run_tuneforge(api, tokens, study_id, n, trials, "fresh")
             levels.append(lv)
             print_progress(lv)
             if not args.no_baseline:
@@ -630,22 +634,21 @@ def main() -> None:
                 print_progress(bl)
 
         # The big study: a restarted API warms it in the background at start-up; a few
-        # warm-up trials make sure every worker process has it loaded before the clock.
+        # warm-up trials make sure every worker process has it loaded before the clock,
+        # and the budget leaves room all along, so the pre-asked buffers stay full
+        # between levels as they would in a long study.
         if big:
             api.stop()
             api = Api(db_url, args.workers, home)
-            done = big
-            set_budget(db_url, big_id, done + 2 * args.workers)
+            total = sum(per_level.get(n, default_trials) for n in agents)
+            set_budget(db_url, big_id, big + 2 * args.workers + total + 2 * max(agents))
             for _ in range(2 * args.workers):
                 warm_up(api, tokens["worker"])
-            done += 2 * args.workers
+            time.sleep(5)  # the buffers fill
             plain_done = big
             for n in agents:
                 trials = per_level.get(n, default_trials)
-                set_budget(db_url, big_id, done + trials)
-                lv = run_tuneforge(api, tokens, big_id, n, done + trials, "10k")
-                lv.trials -= done
-                done += lv.trials
+                lv = run_tuneforge(api, tokens, big_id, n, trials, "10k")
                 levels.append(lv)
                 print_progress(lv)
                 if plain_name is not None:
@@ -653,6 +656,7 @@ def main() -> None:
                     plain_done += bl.trials
                     levels.append(bl)
                     print_progress(bl)
+                time.sleep(3)
     finally:
         if api is not None:
             api.stop()
