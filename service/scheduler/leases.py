@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -80,6 +81,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# How long a lease call keeps trying while a study has room but no ready trial yet.
+GRANT_PATIENCE_S = 30.0
 # Preemptions do not use up max_retries, but a trial that is preempted forever must end.
 MAX_PREEMPTIONS = 20
 # Failure reasons (as stored in tf_leases.stop_reason) that use up max_retries.
@@ -182,7 +185,11 @@ class Scheduler:
     def grant(self, req: LeaseRequest) -> LeaseGrant | None:
         """A lease on the next trial to run, or None when no study has work."""
         self.buffer.note_demand()
-        for _ in range(5):
+        # 204 must mean "no work": an agent then idles for its poll interval, and one in
+        # burst mode exits. While a study has room, keep asking and claiming (another
+        # lease may take the row this call asked for) up to GRANT_PATIENCE_S.
+        deadline = time.monotonic() + GRANT_PATIENCE_S
+        while time.monotonic() < deadline:
             claimed = self.db.run(lambda s: self._claim(s, req))
             if claimed is None:
                 return None
