@@ -890,9 +890,12 @@ class Agent:
                 continue
             all_idle = all(r.idle for r in self.runners)
             if self.options.burst and all_idle and not self._held:
+                # Two empty answers a poll apart (or `linger_s` of them), not one: a trial
+                # whose end is still landing or a retry being scheduled can hide work for a moment.
                 now = time.monotonic()
-                empty_since = empty_since or now
-                if now - empty_since >= self.options.linger_s:
+                if empty_since is None:
+                    empty_since = now
+                elif now - empty_since >= self.options.linger_s:
                     log.info("burst: no work left, exiting")
                     return 0
             else:
