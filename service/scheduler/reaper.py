@@ -150,6 +150,8 @@ def _wind_down_studies(sched: Scheduler, stats: ReapStats) -> None:
         stats.failed += failed
         stats.completed_studies += int(completed)
         live = [d for d in discards if d is not None]
+        for optuna_id in live:
+            sched.sampled.discard(optuna_id)
         if live:
             warm = sched.warm.get(row.id)
             for optuna_id in live:
