@@ -181,6 +181,8 @@ class RunningTrial:
         """Why the trial was asked to stop: 'timeout', 'preempted', 'lost' or the server's reason."""
         self.lost = False
         """The server said the lease is gone: nothing more is sent for it."""
+        self.ending = False
+        """The trial's end is being sent."""
         self.next_heartbeat = self.granted_at + grant.heartbeat_interval_s
         self.backlog: list[ReportRequest] = []
         """Reports the server did not take while it was unreachable, sent before the next one."""
@@ -324,6 +326,20 @@ def _failure_reason(reported: str | None, stop_reason: str | None) -> FailureRea
     return FailureReason.ERROR
 
 
+def _log_end(trial: RunningTrial, ending: Ending, answered: bool) -> None:
+    """The one line per trial end: study, trial, attempt, outcome, duration, slot gap."""
+    took = f" in {ending.duration_s:.1f} s"
+    lost = "" if answered else " (not recorded: lease lost)"
+    if ending.kind == "complete":
+        outcome = f"complete {_fmt_metrics(ending.metrics)}"
+    elif ending.kind == "pruned":
+        outcome = f"pruned at step {ending.step}"
+    else:
+        outcome = f"failed ({ending.reason}) at step {ending.step}"
+    detail = f": {ending.message[:300]}" if ending.kind == "failed" else ""
+    log.info("trial end: %s: %s%s%s%s%s", trial.label(), outcome, took, ending.note, lost, detail)
+
+
 def _fmt_metrics(metrics: Metrics) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
 
@@ -451,7 +467,7 @@ class SlotRunner:
     def _run(self, trial: RunningTrial) -> None:
         g = trial.grant
         self.agent.hold(trial)
-        work = (self.agent.options.work_dir / f"lease-{g.lease_id}").resolve()
+        work = self.agent.work_dir(g.lease_id)
         work.mkdir(parents=True, exist_ok=True)
         resume = self._fetch_resume(trial, work) if g.resume_checkpoint else None
         if trial.lost:
@@ -706,51 +722,36 @@ class Agent:
             self._finishers.append(thread)
         thread.start()
 
+    def work_dir(self, lease_id: str) -> Path:
+        """The scratch folder of one lease: the trial's files, checkpoint archives, a resume download."""
+        return (self.options.work_dir / f"lease-{lease_id}").resolve()
+
     def _finish(self, runner: SlotRunner, trial: RunningTrial, ending: Ending) -> None:
-        work = (self.options.work_dir / f"lease-{trial.lease_id}").resolve()
         try:
             # The retry of a stopped or crashed trial resumes from its last checkpoint, so
             # that one must reach the server while the lease still accepts it.
             if not runner.uploader.flush(trial.lease_id, timeout_s=600):
                 log.warning("checkpoint upload for %s still running at its end", trial.label())
+            trial.ending = True  # no more heartbeats: the end itself settles the lease
             answered = self._send_end(trial, ending)
+            _log_end(trial, ending, answered)
+            with self._lock:
+                self.ended[ending.kind] = self.ended.get(ending.kind, 0) + 1
+            # A study at its max_parallel answers "no work" until this end has landed: ask again now.
+            self.wake()
             if answered and ending.kind == "complete" and ending.export_dir is not None:
                 self._upload_export(trial, ending)
         finally:
             self.release(trial)
-            shutil.rmtree(work, ignore_errors=True)
-        with self._lock:
-            self.ended[ending.kind] = self.ended.get(ending.kind, 0) + 1
-        # A study at its max_parallel answers "no work" until this end has landed: ask again now.
-        self.wake()
-        took = f" in {ending.duration_s:.1f} s"
-        lost = "" if answered else " (not recorded: lease lost)"
-        if ending.kind == "complete":
-            log.info(
-                "trial end: %s: complete %s%s%s%s", trial.label(), _fmt_metrics(ending.metrics), took, ending.note, lost
-            )
-        elif ending.kind == "pruned":
-            log.info("trial end: %s: pruned at step %s%s%s%s", trial.label(), ending.step, took, ending.note, lost)
-        else:
-            log.info(
-                "trial end: %s: failed (%s) at step %s%s%s%s: %s",
-                trial.label(),
-                ending.reason,
-                ending.step,
-                took,
-                ending.note,
-                lost,
-                ending.message[:300],
-            )
+            shutil.rmtree(self.work_dir(trial.lease_id), ignore_errors=True)
 
     def _upload_export(self, trial: RunningTrial, ending: Ending) -> None:
         """The final model of a complete trial, kept by the server as the trial's checkpoint.
         Sent after `complete`, so the result never waits for (or depends on) a large upload."""
         assert ending.export_dir is not None
-        work = (self.options.work_dir / f"lease-{trial.lease_id}").resolve()
         client = self.client_factory()
         try:
-            archive = pack(ending.export_dir, work / "final.tar")
+            archive = pack(ending.export_dir, self.work_dir(trial.lease_id) / "final.tar")
             step = ending.step or 0
             retry_until_answered(
                 lambda: client.upload_checkpoint(trial.lease_id, archive, step),
@@ -764,10 +765,10 @@ class Agent:
 
     def _send_end(self, trial: RunningTrial, ending: Ending) -> bool:
         """Send until the server answers; False when the lease is gone (or a cold shutdown gave up)."""
-        if trial.lost or trial.stop_reason == "lost":
-            return False
         if ending.kind == "pruned":
             return True  # the report answered prune=True and ended the lease (and the Optuna trial) already
+        if trial.lost or trial.stop_reason == "lost":
+            return False
         client = self.client_factory()
         call: Callable[[], object]
         if ending.kind == "failed":
@@ -912,7 +913,7 @@ class Agent:
             with self._lock:
                 held = list(self._held.values())
             for trial in held:
-                if trial.lost or now < trial.next_heartbeat:
+                if trial.lost or trial.ending or now < trial.next_heartbeat:
                     continue
                 trial.next_heartbeat = now + trial.grant.heartbeat_interval_s
                 try:
