@@ -19,9 +19,12 @@ point at a WAITING Optuna trial with fixed params. Optuna's `ask()` pops those f
 when it pops one, its row already exists and no new row is made. A lease may also
 claim such a row before any ask popped it; the grant then pops it (`sync.ensure_running`).
 
-Trial numbers: a new row takes its Optuna trial's number (unique per study, and what
-`studies.enqueue` uses too), so trial N is Optuna trial N on its first attempt.
-Retries and discarded asks leave gaps.
+Trial numbers: a new row takes the next number of the study (max + 1, under the study
+lock), so they run 0, 1, 2, ... however many asks were discarded or retried in Optuna;
+a number taken meanwhile by `studies.enqueue` (which numbers by Optuna trial) makes
+the insert retry with the next one. The Optuna trial is linked by tf_trials.optuna_trial_id.
+Within one process, asks in flight count against the budget, so a small study is not
+asked for more trials than it can take.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import DomainError
@@ -53,10 +56,15 @@ class BufferState:
     study_id: int
     max_parallel: int
     ready: int  # WAITING with an Optuna trial: claimable now
-    room: bool  # the budget allows one more fresh row
+    headroom: int | None  # fresh rows the budget still allows (None: no n_trials)
 
-    def wants(self, target: int) -> bool:
-        return self.room and self.ready < target
+    @property
+    def room(self) -> bool:
+        return self.headroom is None or self.headroom > 0
+
+    def wants(self, target: int, in_flight: int = 0) -> bool:
+        room = self.headroom is None or self.headroom - in_flight > 0
+        return room and self.ready + in_flight < target
 
 
 def buffer_states(s: Session, study_ids: list[int] | None = None) -> list[BufferState]:
@@ -72,8 +80,8 @@ def buffer_states(s: Session, study_ids: list[int] | None = None) -> list[Buffer
     for study, n_ready, n_fresh in s.execute(q).all():
         if timed_out(study, now):
             continue
-        room = study.n_trials is None or study.n_started + n_fresh < study.n_trials
-        out.append(BufferState(study.id, study.max_parallel, n_ready, room))
+        headroom = None if study.n_trials is None else study.n_trials - study.n_started - n_fresh
+        out.append(BufferState(study.id, study.max_parallel, n_ready, headroom))
     return out
 
 
@@ -97,6 +105,9 @@ class Buffer:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Asks in flight per study in this process (they reserve budget and buffer room).
+        self._in_flight: dict[int, int] = {}
+        self._in_flight_lock = threading.Lock()
 
     def target(self, max_parallel: int) -> int:
         return max(1, min(self.size, max_parallel))
@@ -200,16 +211,33 @@ class Buffer:
             st = states[0]
             if blocking and st.ready > 0:
                 return True
-            if not st.wants(1 if blocking else self.target(st.max_parallel)):
-                return False
-            return self._ask_and_store(warm, study, study_id)
+            with self._in_flight_lock:
+                in_flight = self._in_flight.get(study_id, 0)
+                if not st.wants(1 if blocking else self.target(st.max_parallel), in_flight):
+                    return False
+                self._in_flight[study_id] = in_flight + 1
+            try:
+                return self._ask_and_store(warm, study, study_id)
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight[study_id] -= 1
 
     def _ask_and_store(self, warm: Any, study: Any, study_id: int) -> bool:
         from service.optuna_bridge import suggest_params
 
         trial = study.ask()
         params = suggest_params(trial, warm.spec)
-        stored = self._sched.db.run(lambda s: _store(s, study_id, trial._trial_id, trial.number, params))
+        stored: int | None = None
+        for attempt in range(3):
+            try:
+                stored = self._sched.db.run(lambda s: _store(s, study_id, trial._trial_id, params))
+                break
+            except IntegrityError:
+                # studies.enqueue took the number meanwhile (it does not lock the study
+                # row): the next try reads the new maximum.
+                if attempt == 2:
+                    sync.discard(warm, trial._trial_id, "no free trial number")
+                    raise
         if stored is None:
             sync.discard(warm, trial._trial_id, "budget reached or study no longer running")
             return False
@@ -217,7 +245,7 @@ class Buffer:
         return True
 
 
-def _store(s: Session, study_id: int, optuna_trial_id: int, number: int, params: dict[str, Any]) -> int | None:
+def _store(s: Session, study_id: int, optuna_trial_id: int, params: dict[str, Any]) -> int | None:
     """Insert the asked trial as a ready row, under the study lock, so the budget check and
     the insert are one step. Returns its number, or None when it may not be added."""
     begin_write(s)
@@ -243,6 +271,8 @@ def _store(s: Session, study_id: int, optuna_trial_id: int, number: int, params:
         )
         if study.n_started + int(fresh or 0) >= study.n_trials:
             return None
+    last = s.scalar(select(func.max(Trial.number)).where(Trial.study_id == study_id))
+    number = 0 if last is None else int(last) + 1
     s.add(
         Trial(
             study_id=study_id,
