@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from worker_test_helpers import alive, children_of, kill9, wait_for
 
-from trainer.client import ClientError, TuneForgeClient
+from trainer.client import TuneForgeClient
 
 pytestmark = pytest.mark.slow
 
@@ -33,22 +33,32 @@ def reports(trial: dict[str, Any], attempt: int) -> list[int]:
     return sorted(r["step"] for r in trial["reports"] if r["attempt"] == attempt)
 
 
-def get_trial(api: TuneForgeClient, study_id: int, number: int) -> dict[str, Any] | None:
-    """The trial, or None before the scheduler has created it."""
-    try:
-        return api.get_trial(study_id, number)
-    except ClientError as exc:
-        if exc.status_code == 404:
-            return None
-        raise
+def started_trials(api: TuneForgeClient, study_id: int) -> list[dict[str, Any]]:
+    """Details of the study's trials that a worker has leased at least once, by number.
+
+    Tests never assume trial numbers: the scheduler asks Optuna ahead of demand, and a
+    pre-asked trial it drops keeps its number."""
+    rows = api.list_trials(study_id, limit=200)["data"]
+    return [api.get_trial(study_id, r["number"]) for r in rows if r["attempts"] >= 1]
 
 
-def running_with_checkpoint(api: TuneForgeClient, study_id: int, number: int, at_least: int) -> dict[str, Any] | None:
-    t = get_trial(api, study_id, number)
-    if t is None:
-        return None
-    ok = t["state"] == "running" and (t["checkpoint_step"] or 0) >= at_least
-    return t if ok else None
+def running_trial(
+    api: TuneForgeClient, study_id: int, *, checkpoint_at_least: int = 0, reported: bool = False
+) -> dict[str, Any] | None:
+    """The first running trial that has uploaded a checkpoint of at least that step (and reported)."""
+    for t in started_trials(api, study_id):
+        if t["state"] != "running" or (t["checkpoint_step"] or 0) < checkpoint_at_least:
+            continue
+        if reported and not reports(t, t["attempts"]):
+            continue
+        return t
+    return None
+
+
+def only_trial(api: TuneForgeClient, study_id: int) -> dict[str, Any]:
+    started = started_trials(api, study_id)
+    assert len(started) == 1, started
+    return started[0]
 
 
 def resumed_step(caplog: pytest.LogCaptureFixture, number: int, attempt: int) -> int | None:
@@ -69,15 +79,16 @@ def test_burst_worker_runs_a_study_to_completion(api: TuneForgeClient, make_spec
     done = api.get_study(study["id"])
     assert done["status"] == "completed"
     assert (done["n_complete"], done["n_pruned"], done["n_failed"]) == (3, 0, 0)
-    for t in api.list_trials(study["id"])["data"]:
-        detail = api.get_trial(study["id"], t["number"])
+    trials = started_trials(api, study["id"])
+    assert len(trials) == 3
+    for detail in trials:
         assert detail["state"] == "complete"
         assert detail["value"] == pytest.approx(detail["metrics"]["loss"])
         # 9 steps, evaluations at 3 and 6 and the final one at 9: the learning curve is stored.
         assert reports(detail, 1) == [3, 6, 9]
         assert detail["checkpoint_step"] == 9  # the final model, uploaded after complete
     # The final model is downloadable as a tar that from_pretrained can load once extracted.
-    response = api.http.get(f"/api/v1/studies/{study['id']}/trials/0/checkpoint")
+    response = api.http.get(f"/api/v1/studies/{study['id']}/trials/{trials[0]['number']}/checkpoint")
     assert response.status_code == 200 and response.headers["x-checkpoint-step"] == "9"
     with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
         assert "config.json" in tar.getnames()
@@ -116,12 +127,12 @@ def test_pruning_answer_and_trial_timeout_stop_trials(api: TuneForgeClient, make
     thread.join(timeout=400)
     assert not thread.is_alive()
 
-    t = api.get_trial(pruned["id"], 0)
+    t = only_trial(api, pruned["id"])
     assert t["state"] == "pruned"
     assert reports(t, 1) == [3, 6], "training stopped at the report that was answered prune=True"
     assert api.get_study(pruned["id"])["status"] == "completed"
 
-    t = api.get_trial(timed["id"], 0)
+    t = only_trial(api, timed["id"])
     assert t["state"] == "failed" and t["failure_reason"] == "timeout"
     assert max(reports(t, 1), default=0) < 9 * LONG["epochs"], "stopped long before the end of its budget"
     assert agent.ended == {"pruned": 1, "failed": 1}
@@ -134,14 +145,15 @@ def test_killed_slot_is_replaced_and_the_retry_resumes(
     caplog.set_level(logging.INFO, logger="tuneforge.worker")
     study = api.create_study(make_spec("slotkill", fixed=LONG, budget={"n_trials": 2, "max_retries": 1}))
     agent, thread = run_agent(burst=True, linger_s=5.0)
-    wait_for(lambda: running_with_checkpoint(api, study["id"], 0, 6), 300, "trial 0 to upload a checkpoint")
+    first = wait_for(lambda: running_trial(api, study["id"], checkpoint_at_least=6), 300, "a checkpoint upload")
+    n = first["number"]
     runner = agent.runners[0]
     old_pid = runner.slot.pid
     assert old_pid is not None
     kill9(old_pid)
     killed_at = time.monotonic()
 
-    wait_for(lambda: api.get_trial(study["id"], 0)["attempts"] >= 2, lease_timeout + 10, "the retry to start")
+    wait_for(lambda: api.get_trial(study["id"], n)["attempts"] >= 2, lease_timeout + 10, "the retry to start")
     assert time.monotonic() - killed_at < lease_timeout + 1.0 + 5.0  # lease timeout + one reaper pass, at most
     thread.join(timeout=400)
     assert not thread.is_alive()
@@ -149,9 +161,9 @@ def test_killed_slot_is_replaced_and_the_retry_resumes(
     assert runner.slot.pid != old_pid and runner.slot.starts == 2, "the agent replaced the slot process"
     done = api.get_study(study["id"])
     assert done["status"] == "completed" and done["n_complete"] == 2
-    t0 = api.get_trial(study["id"], 0)
+    t0 = api.get_trial(study["id"], n)
     assert t0["state"] == "complete" and t0["attempts"] == 2
-    resume = resumed_step(caplog, 0, 2)
+    resume = resumed_step(caplog, n, 2)
     assert resume is not None and resume >= 6 and resume in reports(t0, 1)
     # The retry starts at the checkpoint's step: its first evaluation is the next one after it.
     assert reports(t0, 2)[0] == resume + 3
@@ -163,7 +175,8 @@ def test_killed_agent_trial_is_reaped_and_resumed_by_another_agent(
 ) -> None:
     study = api.create_study(make_spec("agentkill", fixed=LONG, budget={"n_trials": 1, "max_retries": 1}))
     first = spawn_agent()
-    running = wait_for(lambda: running_with_checkpoint(api, study["id"], 0, 6), 300, "trial 0 to checkpoint")
+    running = wait_for(lambda: running_trial(api, study["id"], checkpoint_at_least=6), 300, "a checkpoint upload")
+    n = running["number"]
     slots = children_of(first.proc.pid)
     kill9(first.proc.pid)
     first.proc.wait(timeout=10)
@@ -172,7 +185,7 @@ def test_killed_agent_trial_is_reaped_and_resumed_by_another_agent(
     wait_for(lambda: not any(children_of(pid) or alive(pid) for pid in slots), 15, "the orphaned slots to exit")
 
     waiting = wait_for(
-        lambda: (t := api.get_trial(study["id"], 0))["state"] != "running" and t,
+        lambda: (t := api.get_trial(study["id"], n))["state"] != "running" and t,
         lease_timeout + 10,
         "the reaper to take the trial back",
     )
@@ -186,7 +199,7 @@ def test_killed_agent_trial_is_reaped_and_resumed_by_another_agent(
     agent, thread = run_agent(burst=True)
     thread.join(timeout=400)
     assert not thread.is_alive()
-    t = api.get_trial(study["id"], 0)
+    t = api.get_trial(study["id"], n)
     assert t["state"] == "complete" and t["attempts"] == 2
     assert reports(t, 2)[0] == checkpoint + 3, "the retry resumed from the last uploaded checkpoint"
     assert api.get_study(study["id"])["status"] == "completed"
@@ -198,11 +211,11 @@ def test_sigterm_is_warm_then_cold(api: TuneForgeClient, make_spec, spawn_agent,
 
     # First SIGTERM: the trial checkpoints where it is, is handed back as preempted, the agent exits 0.
     warm = spawn_agent()
-    wait_for(lambda: running_with_checkpoint(api, study["id"], 0, 3), 300, "trial 0 to run")
+    n = wait_for(lambda: running_trial(api, study["id"], checkpoint_at_least=3), 300, "a trial to run")["number"]
     warm.signal(signal.SIGTERM)
     assert warm.wait(timeout=60) == 0
     assert "warm shutdown" in warm.output() and "failed (preempted)" in warm.output()
-    t = api.get_trial(study["id"], 0)
+    t = api.get_trial(study["id"], n)
     assert t["state"] == "waiting" and t["failure_reason"] == "preempted"
     stopped_at = t["checkpoint_step"]
     assert stopped_at is not None and stopped_at >= max(reports(t, 1))
@@ -210,7 +223,7 @@ def test_sigterm_is_warm_then_cold(api: TuneForgeClient, make_spec, spawn_agent,
     # The retry resumes at the stop step. A second SIGTERM right after the first: stop at once.
     cold = spawn_agent()
     t = wait_for(
-        lambda: (t := api.get_trial(study["id"], 0))["attempts"] == 2 and reports(t, 2) and t,
+        lambda: (t := api.get_trial(study["id"], n))["attempts"] == 2 and reports(t, 2) and t,
         300,
         "the retry to report",
     )
@@ -231,7 +244,7 @@ def test_sigterm_is_warm_then_cold(api: TuneForgeClient, make_spec, spawn_agent,
     agent, thread = run_agent(burst=True, linger_s=15.0)
     thread.join(timeout=400)
     assert not thread.is_alive()
-    t = api.get_trial(study["id"], 0)
+    t = api.get_trial(study["id"], n)
     assert t["state"] == "complete" and t["attempts"] == 3
     assert api.get_study(study["id"])["status"] == "completed"
 
@@ -242,7 +255,7 @@ def test_cancelling_a_study_stops_its_running_trial(
 ) -> None:
     study = api.create_study(make_spec("cancel", fixed=LONG, budget={"n_trials": 3}))
     agent, thread = run_agent(burst=True)
-    wait_for(lambda: (t := get_trial(api, study["id"], 0)) and reports(t, 1), 300, "trial 0 to report")
+    n = wait_for(lambda: running_trial(api, study["id"], reported=True), 300, "a trial to report")["number"]
     api.cancel_study(study["id"])
     cancelled_at = time.monotonic()
     heartbeat = lease_timeout / 3
@@ -253,7 +266,7 @@ def test_cancelling_a_study_stops_its_running_trial(
     s = api.get_study(study["id"])
     assert s["status"] == "cancelled"
     assert s["n_started"] == 1, "no new trial of a cancelled study starts"
-    t = api.get_trial(study["id"], 0)
+    t = api.get_trial(study["id"], n)
     assert t["state"] == "failed" and max(reports(t, 1)) < 9 * LONG["epochs"]
 
 
@@ -265,14 +278,14 @@ def test_server_outage_keeps_the_trial_and_its_result(
     caplog.set_level(logging.WARNING, logger="tuneforge.worker")
     study = api.create_study(make_spec("outage", fixed={"epochs": 12}, budget={"n_trials": 1}))
     agent, thread = run_agent(burst=True, linger_s=2.0)
-    wait_for(lambda: (t := get_trial(api, study["id"], 0)) and reports(t, 1), 300, "trial 0 to report")
+    n = wait_for(lambda: running_trial(api, study["id"], reported=True), 300, "a trial to report")["number"]
     server.stop()
     time.sleep(4.0)
     server.start()
     thread.join(timeout=400)
     assert not thread.is_alive()
     assert any("kept for later" in r.getMessage() or "unreachable" in r.getMessage() for r in caplog.records)
-    t = api.get_trial(study["id"], 0)
+    t = api.get_trial(study["id"], n)
     assert t["state"] == "complete" and t["attempts"] == 1, "the trial survived the outage under its first lease"
     # Every evaluation reached the server, those made during the outage included.
     assert reports(t, 1) == list(range(3, 9 * 12 + 1, 3))
