@@ -586,7 +586,7 @@ def main() -> None:
     agents = [int(a) for a in (args.agents or ("1,16" if args.quick else "1,16,64")).split(",")]
     big = args.big if args.big is not None else 10_000
     per_level = {1: 20 if args.quick else 40}
-    default_trials = 100 if args.quick else 300
+    default_trials = 100 if args.quick else 200
 
     server = pg_server_url(args.pg)
     db_name, db_url = create_database(server)
