@@ -97,17 +97,16 @@ def builtin_tokenizer_dir(tokenizer: str | None, checkpoint: str | None = None) 
     return _named_dir(DEFAULT_TOKENIZER_MODEL, "model.tokenizer")
 
 
-# Tokenizers kept loaded between trials, with their fingerprints; off unless a long-lived
-# process turns it on (`keep_tokenizers_warm`, called by the worker's warm slots). Loading
-# MiniLM's tokenizer and hashing its vocabulary costs 0.3-1 s per trial on a CPU, a large part
-# of the gap between two trials on a slot. Keyed by folder and file times, so a changed
-# folder is read again.
+# Tokenizers kept loaded between trials; off unless a long-lived process turns it on
+# (`keep_tokenizers_warm`, called by the worker's warm slots). Loading MiniLM's tokenizer
+# costs 0.3-0.7 s per trial on a busy CPU, a large part of the gap between two trials on a
+# slot (its fingerprint is remembered by `loop.cached_fingerprint`). Keyed by folder and
+# file times, so a changed folder is read again.
 _WARM_TOKENIZERS: dict[tuple[str, tuple[int, ...]], PreTrainedTokenizerBase] | None = None
-_WARM_FINGERPRINTS: dict[int, str] = {}
 
 
 def keep_tokenizers_warm() -> None:
-    """Keep every tokenizer this process loads (and its fingerprint) for the next trial."""
+    """Keep every tokenizer this process loads for the next trial."""
     global _WARM_TOKENIZERS
     if _WARM_TOKENIZERS is None:
         _WARM_TOKENIZERS = {}
@@ -141,9 +140,6 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     pre-tokeniser and the special-token template. Its truncation/padding state is dropped:
     calling the tokenizer changes it, but the cache key must not change with it.
     """
-    warm = _WARM_TOKENIZERS is not None and any(t is tokenizer for t in _WARM_TOKENIZERS.values())
-    if warm and id(tokenizer) in _WARM_FINGERPRINTS:
-        return _WARM_FINGERPRINTS[id(tokenizer)]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state: dict[str, Any]
     if backend is not None:
@@ -160,10 +156,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         "truncation_side": tokenizer.truncation_side,
     }
     blob = json.dumps(state, sort_keys=True, ensure_ascii=True, default=str)
-    fingerprint = hashlib.sha256(blob.encode("utf-8")).hexdigest()
-    if warm:  # a kept tokenizer stays alive, so its id cannot be reused by another object
-        _WARM_FINGERPRINTS[id(tokenizer)] = fingerprint
-    return fingerprint
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def _labels(num_labels: int, id2label: dict[int, str]) -> dict[str, Any]:
