@@ -100,6 +100,7 @@ class Level:
     lat: dict[str, list[float]] = field(default_factory=lambda: {"lease": [], "report": [], "complete": []})
     no_work: int = 0
     server_errors: int = 0
+    transport_errors: int = 0
     retried: int | None = None
 
     @property
@@ -117,7 +118,8 @@ class Level:
 def print_table(levels: list[Level]) -> None:
     head = (
         f"{'system':<10} {'study':<6} {'agents':>6} {'trials':>6} {'trials/s':>8} "
-        f"{'lease p50/p99 ms':>17} {'report p50/p99 ms':>18} {'complete p50/p99 ms':>20} {'204s':>5} {'5xx':>4}"
+        f"{'lease p50/p99 ms':>17} {'report p50/p99 ms':>18} {'complete p50/p99 ms':>20} "
+        f"{'204s':>5} {'5xx':>4} {'conn':>4}"
     )
     print(head)
     print("-" * len(head))
@@ -125,7 +127,7 @@ def print_table(levels: list[Level]) -> None:
         cols = [f"{lv.pct(k, 0.5)}/{lv.pct(k, 0.99)}" for k in ("lease", "report", "complete")]
         print(
             f"{lv.system:<10} {lv.scenario:<6} {lv.agents:>6} {lv.trials:>6} {lv.rate:>8.1f} "
-            f"{cols[0]:>17} {cols[1]:>18} {cols[2]:>20} {lv.no_work:>5} {lv.server_errors:>4}"
+            f"{cols[0]:>17} {cols[1]:>18} {cols[2]:>20} {lv.no_work:>5} {lv.server_errors:>4} {lv.transport_errors:>4}"
         )
 
 
@@ -338,45 +340,49 @@ class Api:
 
 
 async def _agent(client: Any, name: str, done: asyncio.Event, lv: Level) -> None:
+    import httpx
+
     while not done.is_set():
+        try:
+            await _one_trial(client, name, lv)
+        except httpx.TransportError:
+            lv.transport_errors += 1
+            await asyncio.sleep(0.5)
+
+
+async def _one_trial(client: Any, name: str, lv: Level) -> None:
+    """Lease, REPORTS reports (stop when told to prune), complete; latencies of 2xx answers."""
+    t0 = time.perf_counter()
+    r = await client.post("/api/v1/leases", json={"worker_id": name})
+    if r.status_code >= 500:
+        lv.server_errors += 1
+        await asyncio.sleep(0.1)
+        return
+    if r.status_code == 204:
+        lv.no_work += 1
+        await asyncio.sleep(0.05)
+        return
+    r.raise_for_status()
+    lv.lat["lease"].append(time.perf_counter() - t0)
+    grant = r.json()
+    base = f"/api/v1/leases/{grant['lease_id']}"
+    params = grant["config"]["hparams"]
+    for step in range(REPORTS):
         t0 = time.perf_counter()
-        r = await client.post("/api/v1/leases", json={"worker_id": name})
-        if r.status_code >= 500:
-            lv.server_errors += 1
-            await asyncio.sleep(0.1)
-            continue
-        if r.status_code == 204:
-            lv.no_work += 1
-            await asyncio.sleep(0.05)
-            continue
-        r.raise_for_status()
-        lv.lat["lease"].append(time.perf_counter() - t0)
-        grant = r.json()
-        base = f"/api/v1/leases/{grant['lease_id']}"
-        params = grant["config"]["hparams"]
-        pruned = False
-        for step in range(REPORTS):
-            t0 = time.perf_counter()
-            r = await client.post(
-                f"{base}/report", json={"step": step, "metrics": {"accuracy": accuracy(params, step)}}
-            )
-            lv.server_errors += r.status_code >= 500
-            if r.status_code != 200:
-                pruned = True  # 409: taken back; nothing more to send
-                break
-            lv.lat["report"].append(time.perf_counter() - t0)
-            if r.json()["prune"]:
-                pruned = True
-                break
-        if pruned:
-            continue
-        t0 = time.perf_counter()
-        r = await client.post(
-            f"{base}/complete", json={"metrics": {"accuracy": accuracy(params)}, "step": REPORTS, "duration_s": 0.0}
-        )
+        body = {"step": step, "metrics": {"accuracy": accuracy(params, step)}}
+        r = await client.post(f"{base}/report", json=body)
         lv.server_errors += r.status_code >= 500
-        if r.status_code == 200:
-            lv.lat["complete"].append(time.perf_counter() - t0)
+        if r.status_code != 200:
+            return  # 409: taken back; nothing more to send
+        lv.lat["report"].append(time.perf_counter() - t0)
+        if r.json()["prune"]:
+            return
+    t0 = time.perf_counter()
+    body = {"metrics": {"accuracy": accuracy(params)}, "step": REPORTS, "duration_s": 0.0}
+    r = await client.post(f"{base}/complete", json=body)
+    lv.server_errors += r.status_code >= 500
+    if r.status_code == 200:
+        lv.lat["complete"].append(time.perf_counter() - t0)
 
 
 async def _run_agents(api: Api, worker_token: str, user_token: str, study_id: int, lv: Level, count: int) -> None:
@@ -388,12 +394,16 @@ async def _run_agents(api: Api, worker_token: str, user_token: str, study_id: in
     headers = {"Authorization": f"Bearer {worker_token}"}
     async with (
         httpx.AsyncClient(base_url=api.url, headers=headers, limits=limits, timeout=120) as client,
-        httpx.AsyncClient(base_url=api.url, headers={"Authorization": f"Bearer {user_token}"}) as user,
+        httpx.AsyncClient(base_url=api.url, headers={"Authorization": f"Bearer {user_token}"}, timeout=300) as user,
     ):
 
         async def finished() -> tuple[int, str]:
-            study = (await user.get(f"/api/v1/studies/{study_id}")).json()
-            return study["n_complete"] + study["n_pruned"] + study["n_failed"], study["status"]
+            while True:
+                try:
+                    study = (await user.get(f"/api/v1/studies/{study_id}")).json()
+                    return study["n_complete"] + study["n_pruned"] + study["n_failed"], study["status"]
+                except httpx.TransportError:
+                    await asyncio.sleep(0.5)  # a saturated server: ask again
 
         first, _ = await finished()
         start = time.perf_counter()
