@@ -34,6 +34,7 @@ import asyncio
 import copy
 import multiprocessing as mp
 import os
+import queue
 import random
 import socket
 import subprocess
@@ -309,8 +310,8 @@ class Api:
             "TUNEFORGE_ARTIFACT_DIR": str(home / "artifacts"),
             "TUNEFORGE_DATA_ROOTS": str(home),
             # Several processes share the server's 100 connections with the baseline.
-            "TUNEFORGE_DB_POOL_SIZE": "8",
-            "TUNEFORGE_DB_MAX_OVERFLOW": "4",
+            "TUNEFORGE_DB_POOL_SIZE": "4",
+            "TUNEFORGE_DB_MAX_OVERFLOW": "8",
         }
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "bench.control_plane:app_factory"]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers), "--log-level", "warning"]
@@ -484,9 +485,11 @@ def _baseline_proc(db_url: str, optuna_name: str, total: int, barrier: Any, out:
 
     optuna.logging.set_verbosity(logging.ERROR)
     spec = StudySpec.model_validate({**SPEC, "budget": {**SPEC["budget"], "max_parallel": 64}})
+    # One connection per process: 64 of them must fit in the server's 100 with the API's.
+    storage = optuna.storages.RDBStorage(db_url, engine_kwargs={"pool_size": 1, "max_overflow": 1})
     study = optuna.load_study(
         study_name=optuna_name,
-        storage=optuna.storages.RDBStorage(db_url),
+        storage=storage,
         sampler=optuna_bridge.make_sampler(spec, parallel=True),
         pruner=optuna_bridge.make_pruner(spec),
     )
@@ -537,7 +540,14 @@ def run_baseline(db_url: str, optuna_name: str, procs: int, trials: int, existin
         w.start()
     barrier.wait()
     start = time.perf_counter()
-    results = [out.get() for _ in workers]
+    results: list[dict[str, list[float]]] = []
+    while len(results) < procs:
+        try:
+            results.append(out.get(timeout=2))
+        except queue.Empty:
+            if not any(w.is_alive() for w in workers) and out.empty():
+                lv.transport_errors = procs - len(results)  # processes that died (e.g. no connection)
+                break
     lv.elapsed = time.perf_counter() - start
     for w in workers:
         w.join()
