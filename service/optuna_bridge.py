@@ -26,6 +26,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -56,6 +57,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
 from service.errors import Conflict, Invalid, NotFound
+from service.paths import check_read_file
 from service.spec import AnyDimension, CategoricalDimension, IntDimension, StudySpec, choice_key, validation_messages
 from trainer import registry
 from trainer.config import ModelRef, NamedModel, PretrainedModel, TrialConfig
@@ -118,11 +120,13 @@ class ModelShape:
     must be divisible by num_heads."""
 
 
-def model_shape(model: ModelRef) -> ModelShape:
+def model_shape(model: ModelRef, roots: Sequence[Path] | None = None) -> ModelShape:
     """The shape of the model a spec fine-tunes, from config.json alone (or the registry).
 
     Paths must already be resolved (`service.paths.resolve_spec_paths`). A named model's
     shape comes from the registry, so the API host does not need its package installed.
+    config.json must be a small regular file, and inside `roots` when they are given
+    (Invalid otherwise): it is read on the user's behalf.
     """
     if isinstance(model, NamedModel):
         try:
@@ -137,6 +141,9 @@ def model_shape(model: ModelRef) -> ModelShape:
         ref, field = PretrainedModel(path=model.checkpoint), "model.checkpoint"
     else:
         return ModelShape(BUILTIN_DEFAULT_LAYERS, None, None, sized_by_knobs=True)
+    # Submission checked config.json against the data roots (resolve_spec_paths); this runs
+    # again whenever a study's space is rebuilt, so the file is checked each time it is read.
+    check_read_file(Path(ref.path) / "config.json", field, roots)
     try:
         shape = model_depth_and_heads(ref)
     except ConfigError as exc:

@@ -7,11 +7,69 @@ agent for its HTTP calls. Plain pydantic, no web framework.
 from __future__ import annotations
 
 import enum
+import math
+import re
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from trainer.config import TrialConfig
+
+# The service keeps steps in 32-bit Integer columns; a bigger one would overflow the
+# insert on PostgreSQL and be stored as garbage elsewhere.
+MAX_STEP = 2**31 - 1
+MAX_METRICS = 64
+MAX_METRIC_NAME = 100
+MAX_MESSAGE = 20_000
+MAX_TRACEBACK = 200_000
+
+# Lone surrogates cannot be encoded to UTF-8, so a database driver fails on them; NUL
+# ends a C string (PostgreSQL refuses it in text). Names are one line: no control
+# characters at all. Free text keeps tabs and line breaks.
+_NAME_BAD = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+_TEXT_BAD = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def _one_line(value: str) -> str:
+    if _NAME_BAD.search(value):
+        raise ValueError("must not contain control characters, NUL or unpaired surrogates")
+    return value
+
+
+def _text(value: str) -> str:
+    if _TEXT_BAD.search(value):
+        raise ValueError("must not contain NUL, control characters other than tab and newline, or unpaired surrogates")
+    return value
+
+
+def clean_text(value: str, limit: int, *, keep_end: bool = False) -> str:
+    """`value` made acceptable as free text in a message: what the server would refuse is
+    replaced, and it is cut to `limit` characters (its last ones with `keep_end`, where a
+    traceback says what went wrong). For the sender (an exception's text can hold
+    anything), so that a failure report is never itself refused."""
+    cleaned = _TEXT_BAD.sub("\ufffd", value)
+    return cleaned[max(len(cleaned) - limit, 0) :] if keep_end else cleaned[:limit]
+
+
+def finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics a report may carry: finite values under acceptable names, at most
+    MAX_METRICS of them. For the sender: a diverged metric is left out rather than
+    breaking the request (a non-finite loss ends the trial as `nan` on its own)."""
+    kept: dict[str, float] = {}
+    for name, value in metrics.items():
+        if len(kept) >= MAX_METRICS:
+            break
+        if 0 < len(name) <= MAX_METRIC_NAME and not _NAME_BAD.search(name) and math.isfinite(value):
+            kept[name] = float(value)
+    return kept
+
+
+Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
+OneLine = Annotated[str, AfterValidator(_one_line)]
+Text = Annotated[str, AfterValidator(_text)]
+MetricName = Annotated[str, Field(min_length=1, max_length=MAX_METRIC_NAME), AfterValidator(_one_line)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class FailureReason(enum.StrEnum):
@@ -28,12 +86,12 @@ class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Metrics = dict[str, float]
+Metrics = Annotated[dict[MetricName, FiniteFloat], Field(max_length=MAX_METRICS)]
 
 
 class LeaseRequest(_Msg):
-    worker_id: str = Field(min_length=1, max_length=200, description="Stable name of the agent (host:pid).")
-    slot: str | None = Field(None, max_length=100, description="Slot asking for work, e.g. 'gpu0/1'.")
+    worker_id: OneLine = Field(min_length=1, max_length=200, description="Stable name of the agent (host:pid).")
+    slot: OneLine | None = Field(None, max_length=100, description="Slot asking for work, e.g. 'gpu0/1'.")
 
 
 class LeaseGrant(_Msg):
@@ -53,7 +111,7 @@ class LeaseGrant(_Msg):
 
 
 class HeartbeatRequest(_Msg):
-    step: int | None = Field(None, ge=0)
+    step: Step | None = None
 
 
 class HeartbeatResponse(_Msg):
@@ -63,7 +121,7 @@ class HeartbeatResponse(_Msg):
 
 
 class ReportRequest(_Msg):
-    step: int = Field(ge=0, description="Optimizer step the metrics were measured at.")
+    step: Step = Field(description="Optimizer step the metrics were measured at.")
     metrics: Metrics
 
 
@@ -74,15 +132,15 @@ class ReportResponse(_Msg):
 
 class CompleteRequest(_Msg):
     metrics: Metrics = Field(description="Final validation metrics; the objectives are read from here.")
-    step: int = Field(ge=0)
-    duration_s: float = Field(ge=0.0)
+    step: Step
+    duration_s: FiniteFloat = Field(ge=0.0)
 
 
 class FailRequest(_Msg):
     reason: FailureReason
-    message: str = Field("", max_length=20_000)
-    traceback: str | None = Field(None, max_length=200_000)
-    step: int | None = Field(None, ge=0)
+    message: Text = Field("", max_length=MAX_MESSAGE)
+    traceback: Text | None = Field(None, max_length=MAX_TRACEBACK)
+    step: Step | None = None
 
 
 class FinishResponse(_Msg):

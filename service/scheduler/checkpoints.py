@@ -2,13 +2,15 @@
 
 Layout: `settings.artifact_dir/<study id>/<trial number>/attempt-<n>/checkpoint.tar`,
 one file per attempt (a newer upload of the same attempt replaces it). The upload is
-streamed to a temporary file beside it, checked, and renamed into place, so a reader
-never sees half an archive. With several API processes, `artifact_dir` must be storage
-they share (a volume, NFS).
+streamed to a temporary file beside it, checked, recorded on the trial row, and only
+after that commit renamed into place: a reader never sees half an archive, and an
+upload the database refused leaves the previous archive and step as they were. With
+several API processes, `artifact_dir` must be storage they share (a volume, NFS).
 
-The archive is never extracted here; it is checked like the worker checks it before
-extracting (`trainer.worker.archive.unpack`): only regular files and folders with
-relative names that stay inside the archive.
+The archive is never extracted here; it is checked with the worker's own check
+(`trainer.worker.archive.check_members`): at most MAX_MEMBERS regular files and
+folders with relative names that stay inside the archive, no links, devices or sparse
+files, and an expanded size within max_checkpoint_bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import re
 import tarfile
 import uuid
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -28,6 +30,7 @@ from sqlalchemy.orm import Session
 from service.errors import Invalid, LeaseLost, NotFound
 from service.models import Lease, LeaseState, Trial, TrialState
 from service.scheduler._sql import aware, guarded_update, utcnow
+from trainer.worker.archive import UnsafeArchive, check_members
 
 if TYPE_CHECKING:
     from service.auth import Principal
@@ -79,20 +82,18 @@ class Upload:
         self._file.close()
         if self.size == 0:
             raise Invalid("body", "empty checkpoint archive")
-        _check_archive(self.tmp)
+        _check_archive(self.tmp, self._store.max_bytes)
         dest = self.folder / ARCHIVE_NAME
         rel = dest.relative_to(self._store.root).as_posix()
         sched = self._store.sched
+        step_tmp = _step_file(self.tmp)
+        step_tmp.write_text(str(self.step), encoding="ascii")
 
         def _record(s: Session) -> None:
             now = utcnow()
             lease = s.get(Lease, self.lease_id, populate_existing=True)
             if lease is None or not _may_upload(s, lease, now):
                 raise LeaseLost("lease expired or finished; the checkpoint is not kept")
-            # Rename inside the transaction that records it: a failed commit leaves at most
-            # a newer file than the row says, never a row pointing at nothing.
-            os.replace(self.tmp, dest)
-            _write_step(dest, self.step)
             guarded_update(
                 s,
                 Trial,
@@ -101,6 +102,11 @@ class Upload:
             )
 
         sched.db.run(_record)
+        # Only now that the row says so: a refused or failed commit (abort drops both
+        # temporary files) must leave the old archive and its step in place. Each rename
+        # stays within one folder, so it is atomic.
+        os.replace(self.tmp, dest)
+        os.replace(step_tmp, _step_file(dest))
         self._done = True
         return StoredCheckpoint(dest, self.step, self.size)
 
@@ -110,6 +116,7 @@ class Upload:
         self._done = True
         self._file.close()
         self.tmp.unlink(missing_ok=True)
+        _step_file(self.tmp).unlink(missing_ok=True)
 
 
 def _may_upload(s: Session, lease: Lease, now: object) -> bool:
@@ -123,15 +130,12 @@ def _may_upload(s: Session, lease: Lease, now: object) -> bool:
     return False
 
 
-def _check_archive(path: Path) -> None:
+def _check_archive(path: Path, max_bytes: int) -> None:
     try:
         with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                name = PurePosixPath(member.name)
-                if name.is_absolute() or ".." in name.parts:
-                    raise Invalid("body", f"unsafe name in checkpoint archive: {member.name!r}")
-                if not (member.isfile() or member.isdir()):
-                    raise Invalid("body", f"checkpoint archive may hold only files and folders: {member.name!r}")
+            check_members(tar, max_bytes=max_bytes, data_end=path.stat().st_size)
+    except UnsafeArchive as exc:
+        raise Invalid("body", str(exc)) from None
     except tarfile.TarError as exc:
         raise Invalid("body", f"not an uncompressed tar archive: {exc}") from None
 
@@ -208,15 +212,9 @@ class CheckpointStore:
 
 
 def _step_file(archive: Path) -> Path:
-    return archive.with_name(archive.name + ".step")
-
-
-def _write_step(archive: Path, step: int) -> None:
     # Beside the archive, so an earlier attempt's checkpoint keeps its step after the
     # trial row moved on to a newer attempt's.
-    tmp = _step_file(archive).with_suffix(f".{uuid.uuid4().hex}.part")
-    tmp.write_text(str(step), encoding="ascii")
-    os.replace(tmp, _step_file(archive))
+    return archive.with_name(archive.name + ".step")
 
 
 def _read_step(archive: Path) -> int | None:

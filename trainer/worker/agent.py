@@ -41,6 +41,9 @@ from typing import TypeVar
 
 from trainer.client import ClientError, ServerUnavailable, TuneForgeClient
 from trainer.protocol import (
+    MAX_MESSAGE,
+    MAX_STEP,
+    MAX_TRACEBACK,
     CompleteRequest,
     FailRequest,
     FailureReason,
@@ -48,6 +51,8 @@ from trainer.protocol import (
     LeaseGrant,
     LeaseRequest,
     ReportRequest,
+    clean_text,
+    finite_metrics,
 )
 from trainer.worker.archive import UnsafeArchive, pack, unpack
 from trainer.worker.slots import Slot, SlotDied, SlotOutcome, SlotSpec, TrialJob
@@ -346,7 +351,7 @@ def _fmt_metrics(metrics: Metrics) -> str:
 
 def _finite(metrics: Metrics) -> Metrics:
     # JSON has no NaN; a diverged metric is left out rather than breaking the request.
-    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+    return finite_metrics(metrics)
 
 
 class SlotRunner:
@@ -605,7 +610,7 @@ class _Events:
         trial.step, trial.metrics = step, dict(metrics)
         if trial.lost:
             return False
-        request = ReportRequest(step=step, metrics=_finite(metrics))
+        request = ReportRequest(step=min(step, MAX_STEP), metrics=_finite(metrics))
         if not self.runner.agent.flush_backlog(client, trial):
             trial.backlog.append(request)
             return False
@@ -774,11 +779,18 @@ class Agent:
         if ending.kind == "failed":
             assert ending.reason is not None
             request = FailRequest(
-                reason=ending.reason, message=ending.message[:20_000], traceback=ending.traceback, step=ending.step
+                reason=ending.reason,
+                message=clean_text(ending.message, MAX_MESSAGE),
+                traceback=(
+                    None if ending.traceback is None else clean_text(ending.traceback, MAX_TRACEBACK, keep_end=True)
+                ),
+                step=None if ending.step is None else min(ending.step, MAX_STEP),
             )
             call = lambda: client.fail(trial.lease_id, request)  # noqa: E731
         else:
-            done = CompleteRequest(metrics=_finite(ending.metrics), step=ending.step or 0, duration_s=ending.duration_s)
+            done = CompleteRequest(
+                metrics=_finite(ending.metrics), step=min(ending.step or 0, MAX_STEP), duration_s=ending.duration_s
+            )
             call = lambda: client.complete(trial.lease_id, done)  # noqa: E731
         try:
             self.flush_backlog(client, trial)

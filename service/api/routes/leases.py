@@ -10,16 +10,17 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response, status
+from fastapi import APIRouter, Header, Path, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.types import Scope
 
-from service.api.deps import CtxDep, UserDep, WorkerDep
+from service.api.deps import CtxDep, StudyIdPath, TrialNumberPath, UserDep, WorkerDep
 from service.scheduler import get_scheduler
 from service.settings import Settings
 from trainer.protocol import (
+    MAX_STEP,
     CompleteRequest,
     FailRequest,
     FinishResponse,
@@ -42,6 +43,18 @@ _LEASE_ERRORS = {
 # The header trainer.client sends and reads (the step the checkpoint was written at).
 CHECKPOINT_STEP_HEADER = "X-Checkpoint-Step"
 _CHECKPOINT_PUT = re.compile(r"^/api/v1/leases/[^/]+/checkpoint$")
+
+# Lease ids are uuid4 strings (tf_leases.id is String(36)): anything else cannot be a
+# lease, and a 10 kB id should not reach the database.
+LeaseIdPath = Annotated[
+    str,
+    Path(
+        min_length=36,
+        max_length=36,
+        pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+        description="The lease id from the grant.",
+    ),
+]
 
 
 def checkpoint_body_limit(settings: Settings, scope: Scope) -> int | None:
@@ -70,25 +83,25 @@ def lease(body: LeaseRequest, ctx: CtxDep, _worker: WorkerDep) -> LeaseGrant:
 
 
 @router.post("/leases/{lease_id}/heartbeat", responses=_LEASE_ERRORS)
-def heartbeat(lease_id: str, body: HeartbeatRequest, ctx: CtxDep, _worker: WorkerDep) -> HeartbeatResponse:
+def heartbeat(lease_id: LeaseIdPath, body: HeartbeatRequest, ctx: CtxDep, _worker: WorkerDep) -> HeartbeatResponse:
     """Extend the lease; `stop` says the study was cancelled, the trial timed out or ended."""
     return get_scheduler(ctx).heartbeat(lease_id, body)
 
 
 @router.post("/leases/{lease_id}/report", responses={**_LEASE_ERRORS, 422: {"description": "Objective missing."}})
-def report(lease_id: str, body: ReportRequest, ctx: CtxDep, _worker: WorkerDep) -> ReportResponse:
+def report(lease_id: LeaseIdPath, body: ReportRequest, ctx: CtxDep, _worker: WorkerDep) -> ReportResponse:
     """One evaluation (a point of the learning curve); `prune` is the study pruner's decision."""
     return get_scheduler(ctx).report(lease_id, body)
 
 
 @router.post("/leases/{lease_id}/complete", responses={**_LEASE_ERRORS, 422: {"description": "Objective missing."}})
-def complete(lease_id: str, body: CompleteRequest, ctx: CtxDep, _worker: WorkerDep) -> FinishResponse:
+def complete(lease_id: LeaseIdPath, body: CompleteRequest, ctx: CtxDep, _worker: WorkerDep) -> FinishResponse:
     """The trial ran to the end; its objective values are read from `metrics`."""
     return get_scheduler(ctx).complete(lease_id, body)
 
 
 @router.post("/leases/{lease_id}/fail", responses=_LEASE_ERRORS)
-def fail(lease_id: str, body: FailRequest, ctx: CtxDep, _worker: WorkerDep) -> FinishResponse:
+def fail(lease_id: LeaseIdPath, body: FailRequest, ctx: CtxDep, _worker: WorkerDep) -> FinishResponse:
     """The attempt failed; `state` is `waiting` when a retry was scheduled, else `failed`."""
     return get_scheduler(ctx).fail(lease_id, body)
 
@@ -99,11 +112,11 @@ def fail(lease_id: str, body: FailRequest, ctx: CtxDep, _worker: WorkerDep) -> F
     openapi_extra={"requestBody": {"required": True, "content": {"application/x-tar": {"schema": {"type": "string"}}}}},
 )
 async def upload_checkpoint(
-    lease_id: str,
+    lease_id: LeaseIdPath,
     request: Request,
     ctx: CtxDep,
     _worker: WorkerDep,
-    step: Annotated[int, Header(alias=CHECKPOINT_STEP_HEADER, ge=0)],
+    step: Annotated[int, Header(alias=CHECKPOINT_STEP_HEADER, ge=0, le=MAX_STEP)],
 ) -> CheckpointStored:
     """An uncompressed tar of the checkpoint folder, streamed to disk (never held in memory)."""
     store = get_scheduler(ctx).checkpoints
@@ -129,7 +142,7 @@ def _file(path: str, step: int | None, filename: str) -> FileResponse:
     responses={**_LEASE_ERRORS, 404: {"description": "No earlier attempt uploaded a checkpoint."}},
     response_class=FileResponse,
 )
-def download_checkpoint(lease_id: str, ctx: CtxDep, _worker: WorkerDep) -> FileResponse:
+def download_checkpoint(lease_id: LeaseIdPath, ctx: CtxDep, _worker: WorkerDep) -> FileResponse:
     """For a retry: the last checkpoint of the trial's earlier attempts (step in X-Checkpoint-Step)."""
     found = get_scheduler(ctx).checkpoints.for_lease(lease_id)
     return _file(str(found.path), found.step, "checkpoint.tar")
@@ -141,7 +154,7 @@ def download_checkpoint(lease_id: str, ctx: CtxDep, _worker: WorkerDep) -> FileR
     responses={404: {"description": "No such study or trial, another user's, or no checkpoint."}},
     response_class=FileResponse,
 )
-def trial_checkpoint(study_id: int, number: int, ctx: CtxDep, user: UserDep) -> FileResponse:
+def trial_checkpoint(study_id: StudyIdPath, number: TrialNumberPath, ctx: CtxDep, user: UserDep) -> FileResponse:
     """The trial's last checkpoint (a complete trial's final one), as an uncompressed tar."""
     found = get_scheduler(ctx).checkpoints.for_trial(user, study_id, number)
     return _file(str(found.path), found.step, f"study-{study_id}-trial-{number}.tar")
