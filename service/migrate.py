@@ -74,6 +74,13 @@ def upgrade(settings: Settings) -> None:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
                 conn.commit()
+            elif conn.dialect.name == "sqlite":
+                # Batch migrations rebuild a table (copy, drop, rename); with foreign keys
+                # enforced, dropping the old tf_studies would cascade-delete every trial and
+                # lease. Set before any transaction (a no-op inside one); this engine is
+                # disposed below, so no connection keeps it.
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                conn.commit()
             try:
                 command.upgrade(alembic_config(conn), "head")
                 conn.commit()

@@ -48,6 +48,9 @@ class StudyStatus(enum.StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     CANCELLED = "cancelled"
+    # The scheduler could not handle the study any more (a stored value it cannot use):
+    # set by `service.scheduler.quarantine` so one bad study never stops the others.
+    FAILED = "failed"
 
 
 class TrialState(enum.StrEnum):
@@ -68,28 +71,42 @@ class LeaseState(enum.StrEnum):
     EXPIRED = "expired"  # the reaper took it back
 
 
+class User(Base):
+    """Who owns studies and holds tokens. Ownership is this integer id, never a name: a
+    name typed into `token create` cannot land on someone else's identity, because a
+    new token gets a new user unless an existing one is named explicitly."""
+
+    __tablename__ = "tf_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Token(Base):
     __tablename__ = "tf_tokens"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
-    owner: Mapped[str] = mapped_column(String(100), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("tf_users.id", name="fk_tf_tokens_user_id"), index=True)
     role: Mapped[Role] = mapped_column(_enum(Role, "tf_role"))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
+    user: Mapped[User] = relationship()
+
 
 class Study(Base):
     __tablename__ = "tf_studies"
     __table_args__ = (
-        UniqueConstraint("owner", "name", name="uq_tf_studies_owner_name"),
+        UniqueConstraint("owner_id", "name", name="uq_tf_studies_owner_name"),
         Index("ix_tf_studies_status", "status"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
-    owner: Mapped[str] = mapped_column(String(100))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("tf_users.id", name="fk_tf_studies_owner_id"))
     optuna_name: Mapped[str] = mapped_column(String(200), unique=True)
     status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus, "tf_study_status"), default=StudyStatus.RUNNING)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -116,6 +133,14 @@ class Study(Base):
     trials: Mapped[list[Trial]] = relationship(
         back_populates="study", cascade="all, delete-orphan", passive_deletes=True
     )
+    # Lazy on purpose: the scheduler locks study rows FOR UPDATE, and a joined load would
+    # lock the owner's user row too, serialising every grant of that user's studies.
+    owner_user: Mapped[User] = relationship()
+
+    @property
+    def owner(self) -> str:
+        """The owner's name, for output (`StudyPublic.owner`); checks compare `owner_id`."""
+        return self.owner_user.name
 
 
 class Trial(Base):
@@ -182,6 +207,9 @@ class Lease(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("tf_studies.id", ondelete="CASCADE"))
     attempt: Mapped[int] = mapped_column(Integer)
     worker_id: Mapped[str] = mapped_column(String(200))
+    # The token that took the lease: only it may use the lease. None for leases granted
+    # before migration 0002 and with auth disabled (no tokens at all).
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("tf_tokens.id", name="fk_tf_leases_token_id"))
     slot: Mapped[str | None] = mapped_column(String(100))
     state: Mapped[LeaseState] = mapped_column(_enum(LeaseState, "tf_lease_state"), default=LeaseState.ACTIVE)
     granted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -39,9 +39,9 @@ from optuna.trial import create_trial
 from pydantic import ValidationError
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
-from service import optuna_bridge
+from service import auth, optuna_bridge
 from service.auth import Principal
 from service.context import ServiceContext
 from service.db import Database
@@ -82,7 +82,7 @@ def visible_study(s: Session, principal: Principal, study_id: int) -> Study:
     """The study if the caller may see it. Another user's study is "not found", not
     "forbidden": its existence is not the caller's business."""
     study = s.get(Study, study_id)
-    if study is None or not (principal.is_admin or study.owner == principal.owner):
+    if study is None or not auth.owns(principal, study.owner_id):
         raise NotFound(f"study {study_id} not found", field="study_id")
     return study
 
@@ -185,7 +185,7 @@ def parse_spec(data: Any) -> StudySpec:
         raise Invalid(field, reason, more=more) from None
 
 
-def _warm_start_configs(s: Session, principal: Principal, spec: StudySpec) -> list[dict[str, Any]]:
+def _warm_start_configs(s: Session, principal: Principal, spec: StudySpec, owner_id: int) -> list[dict[str, Any]]:
     """Params of the best COMPLETE trials of another of the owner's studies, cut down to
     the new search space; a configuration the new space does not admit is skipped."""
     ws = spec.warm_start_from
@@ -196,10 +196,10 @@ def _warm_start_configs(s: Session, principal: Principal, spec: StudySpec) -> li
     if isinstance(ws.study, int):
         if 1 <= ws.study <= MAX_DB_INT:  # a bigger id cannot exist, and would overflow the query
             source = s.get(Study, ws.study)
-        if source is not None and not (principal.is_admin or source.owner == principal.owner):
+        if source is not None and not auth.owns(principal, source.owner_id):
             source = None  # another user's study: not found, as everywhere
     else:
-        source = s.scalars(select(Study).where(Study.owner == principal.owner, Study.name == ws.study)).first()
+        source = s.scalars(select(Study).where(Study.owner_id == owner_id, Study.name == ws.study)).first()
     if source is None:
         raise NotFound(f"you have no study {ws.study!r} to warm-start from", field=field)
     if len(source.directions) != 1:
@@ -231,11 +231,12 @@ def create_study(ctx: ServiceContext, principal: Principal, spec: StudySpec | di
     check_spec(spec, roots)
     resolved = resolve_spec_paths(spec, roots)
     owner = principal.owner
+    owner_id = auth.owner_id(ctx.db, principal)
 
     with ctx.db.scope() as s:
-        if s.scalar(select(Study.id).where(Study.owner == owner, Study.name == spec.name)) is not None:
+        if s.scalar(select(Study.id).where(Study.owner_id == owner_id, Study.name == spec.name)) is not None:
             raise Conflict(f"you already have a study named {spec.name!r}; pick another name", field="name")
-        seeds = _warm_start_configs(s, principal, spec)
+        seeds = _warm_start_configs(s, principal, spec, owner_id)
 
     storage = ctx.storage
     # Readable in `optuna-dashboard`, and unique even after a delete and re-create.
@@ -250,7 +251,7 @@ def create_study(ctx: ServiceContext, principal: Principal, spec: StudySpec | di
         def _insert(s: Session) -> int:
             study = Study(
                 name=spec.name,
-                owner=owner,
+                owner_id=owner_id,
                 optuna_name=optuna_name,
                 status=StudyStatus.RUNNING,
                 spec=resolved.model_dump(mode="json"),
@@ -293,12 +294,21 @@ def list_studies(
     check_page(limit, offset)
     where = []
     if not principal.is_admin:
-        where.append(Study.owner == principal.owner)
+        if principal.user_id is None:
+            return StudiesPublic(data=[], count=0)
+        where.append(Study.owner_id == principal.user_id)
     if status is not None:
         where.append(Study.status == status)
     with db.scope() as s:
         count = s.scalar(select(func.count()).select_from(Study).where(*where)) or 0
-        rows = s.scalars(select(Study).where(*where).order_by(Study.id.desc()).limit(limit).offset(offset)).all()
+        rows = s.scalars(
+            select(Study)
+            .where(*where)
+            .options(selectinload(Study.owner_user))  # one query for the owners' names, not one per row
+            .order_by(Study.id.desc())
+            .limit(limit)
+            .offset(offset)
+        ).all()
         return StudiesPublic(data=[StudyPublic.model_validate(r) for r in rows], count=count)
 
 

@@ -37,19 +37,29 @@ def db_upgrade() -> None:
 def token_create(
     name: Annotated[str, typer.Option(help="Who or what the token is for, e.g. alice or gpu-node-1.")],
     role: Annotated[str, typer.Option(help="admin, user or worker.")] = "user",
-    owner: Annotated[str | None, typer.Option(help="Owner of the studies it creates. Default: the name.")] = None,
+    owner: Annotated[
+        str | None, typer.Option(help="Name of the NEW user the token belongs to (must be free). Default: the name.")
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option(help="An EXISTING user who gets another token (their studies stay theirs).")
+    ] = None,
 ) -> None:
-    """Create a token and print it once (only its hash is stored)."""
+    """Create a token and print it once (only its hash is stored).
+
+    Without --user the token gets a new user, and a name that is taken is refused:
+    a token never lands on someone else's studies by picking their name.
+    """
     quiet_logs()
     settings = settings_or_fail()
     role_value = auth.parse_role(role)
     db = Database(settings)
     try:
-        token = auth.create_token(db, name, role_value, owner=owner)
+        token = auth.create_token(db, name, role_value, owner=owner, user=user)
     finally:
         db.dispose()
     typer.echo(token)
-    typer.echo(f"{role_value.value} token for {name!r}: keep it now, it cannot be shown again", err=True)
+    holder = user or owner or name
+    typer.echo(f"{role_value.value} token {name!r} of user {holder!r}: keep it now, it cannot be shown again", err=True)
 
 
 @token_app.command("list")
@@ -62,9 +72,9 @@ def token_list() -> None:
         tokens = auth.list_tokens(db)
     finally:
         db.dispose()
-    table = Table("id", "name", "owner", "role", "revoked")
+    table = Table("id", "name", "user", "user id", "role", "revoked")
     for t in tokens:
-        table.add_row(str(t.id), t.name, t.owner, t.role.value, "yes" if t.revoked else "")
+        table.add_row(str(t.id), t.name, t.owner, str(t.user_id), t.role.value, "yes" if t.revoked else "")
     Console().print(table)
 
 

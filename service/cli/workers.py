@@ -226,7 +226,8 @@ def _local_tokens(settings: Settings) -> _Local:
         existing = path.read_text(encoding="utf-8").strip() if path.is_file() else ""
         principal = auth.lookup(db, existing) if existing else None
         if principal is None or principal.role != Role.WORKER:
-            existing = auth.create_token(db, "local-worker", Role.WORKER, owner="local")
+            auth.ensure_user(db, "local")  # a second local worker token joins the first one's user
+            existing = auth.create_token(db, "local-worker", Role.WORKER, user="local")
             auth.write_secret(path, existing)
     finally:
         db.dispose()

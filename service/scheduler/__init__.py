@@ -8,6 +8,7 @@ No FastAPI here: routes call `Scheduler` methods, which raise domain errors.
 - `sync.py`: applying tf_* outcomes to Optuna after each commit, idempotently.
 - `reaper.py`: expired leases, study timeouts, repairs; the background loop.
 - `checkpoints.py`: checkpoint uploads and downloads on disk.
+- `release.py`: an admin takes a lease back from its worker.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.errors import Invalid, LeaseLost, NotFound
+from service.errors import Forbidden, Invalid, LeaseLost, NotFound
 from service.models import Lease, LeaseState, Trial, TrialState
 from service.scheduler._sql import aware, guarded_update, utcnow
 from trainer.worker.archive import UnsafeArchive, check_members
@@ -130,6 +130,15 @@ def _may_upload(s: Session, lease: Lease, now: object) -> bool:
     return False
 
 
+def _holder_only(lease: Lease | None, lease_id: str, principal: Principal | None) -> None:
+    """Like `Scheduler.check_holder`, on a row already read: checkpoints hold a trial's
+    weights, so only the token that took the lease reads or replaces them."""
+    if lease is None or principal is None or lease.token_id is None:
+        return
+    if lease.token_id != principal.token_id:
+        raise Forbidden(f"lease {lease_id} was granted to another token; only its holder may use it", field="lease_id")
+
+
 def _check_archive(path: Path, max_bytes: int) -> None:
     try:
         with tarfile.open(path, "r:") as tar:
@@ -155,10 +164,11 @@ class CheckpointStore:
     def _trial_dir(self, study_id: int, number: int) -> Path:
         return self.root / str(study_id) / str(number)
 
-    def begin_upload(self, lease_id: str, step: int) -> Upload:
-        """Start an upload for a live lease (LeaseLost otherwise)."""
+    def begin_upload(self, lease_id: str, step: int, principal: Principal | None = None) -> Upload:
+        """Start an upload for a live lease (LeaseLost otherwise) held by `principal`'s token."""
         with self.sched.db.scope() as s:
             lease = s.get(Lease, lease_id)
+            _holder_only(lease, lease_id, principal)
             if lease is None or not _may_upload(s, lease, utcnow()):
                 raise LeaseLost("lease expired, finished or unknown: no checkpoint accepted")
             number = s.scalar(select(Trial.number).where(Trial.id == lease.trial_id))
@@ -166,10 +176,11 @@ class CheckpointStore:
         folder = self._trial_dir(study_id, int(number)) / f"attempt-{attempt}"  # type: ignore[arg-type]
         return Upload(self, lease_id, trial_id, attempt, folder, step)
 
-    def for_lease(self, lease_id: str) -> StoredCheckpoint:
+    def for_lease(self, lease_id: str, principal: Principal | None = None) -> StoredCheckpoint:
         """The last checkpoint of the trial's earlier attempts, for a retry to resume from."""
         with self.sched.db.scope() as s:
             lease = s.get(Lease, lease_id)
+            _holder_only(lease, lease_id, principal)
             if lease is None or lease.state != LeaseState.ACTIVE or aware(lease.expires_at) <= utcnow():  # type: ignore[operator]
                 raise LeaseLost("lease expired, finished or unknown")
             trial = s.get(Trial, lease.trial_id)

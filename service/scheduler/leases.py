@@ -24,6 +24,7 @@ Retries (decided when an attempt fails; max_retries comes from the study)
 | error, timeout | yes, up to max_retries | yes |
 | lease expired (worker lost; the reaper) | yes, up to max_retries | yes |
 | preempted (SIGTERM, node drained) | yes, up to MAX_PREEMPTIONS | no |
+| released (an admin took the lease back, release.py) | yes, shares MAX_PREEMPTIONS | no |
 | oom, nan | never: the same config would fail again; recorded as a constraint (sync.py) | - |
 A retry keeps its tf trial number and params, gets a new Optuna trial, and resumes
 from the trial's last uploaded checkpoint when there is one
@@ -48,7 +49,7 @@ from sqlalchemy import Float, cast, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.errors import Conflict, Invalid, LeaseLost
+from service.errors import Conflict, Forbidden, Invalid, LeaseLost
 from service.models import Lease, LeaseState, Study, StudyStatus, Trial, TrialReport, TrialState
 from service.scheduler import sync
 from service.scheduler._sql import (
@@ -76,6 +77,7 @@ from trainer.protocol import (
 )
 
 if TYPE_CHECKING:
+    from service.auth import Principal
     from service.context import ServiceContext
     from service.spec import StudySpec
 
@@ -88,6 +90,9 @@ MAX_PREEMPTIONS = 20
 # Failure reasons (as stored in tf_leases.stop_reason) that use up max_retries.
 COUNTED_REASONS = ("error", "timeout", "expired")
 EXPIRED = "expired"  # tf_trials.failure_reason / tf_leases.stop_reason of a lost lease
+RELEASED = "released"  # ... of a lease an admin took back (release.py)
+# Not the trial's fault, so they spare max_retries; together capped by MAX_PREEMPTIONS.
+UNCOUNTED_REASONS = ("preempted", RELEASED)
 PRUNED = "pruned"
 COMPLETE = "complete"
 
@@ -108,6 +113,7 @@ class _Claimed:
     spec_json: dict[str, Any]
     objectives: list[str]
     resume: bool
+    token_id: int | None = None
 
 
 @dataclass
@@ -152,6 +158,7 @@ class _LeaseMeta:
     optuna_trial_id: int | None
     objectives: tuple[str, ...]
     directions: tuple[str, ...]
+    token_id: int | None = None  # the holder (Lease.token_id); never changes
 
 
 _LEASE_CACHE = 50_000
@@ -182,15 +189,17 @@ class Scheduler:
 
     # ================================================================== grant
 
-    def grant(self, req: LeaseRequest) -> LeaseGrant | None:
-        """A lease on the next trial to run, or None when no study has work."""
+    def grant(self, req: LeaseRequest, principal: Principal | None = None) -> LeaseGrant | None:
+        """A lease on the next trial to run, or None when no study has work. The lease is
+        tied to `principal`'s token: only that token may use it afterwards."""
+        token_id = principal.token_id if principal is not None else None
         self.buffer.note_demand()
         # 204 must mean "no work": an agent then idles for its poll interval, and one in
         # burst mode exits. While a study has room, keep asking and claiming (another
         # lease may take the row this call asked for) up to GRANT_PATIENCE_S.
         deadline = time.monotonic() + GRANT_PATIENCE_S
         while time.monotonic() < deadline:
-            claimed = self.db.run(lambda s: self._claim(s, req))
+            claimed = self.db.run(lambda s: self._claim(s, req, token_id=token_id))
             if claimed is None:
                 return None
             if isinstance(claimed, _Claimed):
@@ -212,6 +221,7 @@ class Scheduler:
                         optuna_trial_id=claimed.optuna_trial_id,
                         objectives=tuple(message.objectives),
                         directions=tuple(claimed.directions),
+                        token_id=claimed.token_id,
                     ),
                 )
                 return message
@@ -219,7 +229,7 @@ class Scheduler:
             self.buffer.fill_one(claimed.study_id, blocking=True)
         return None
 
-    def _claim(self, s: Session, req: LeaseRequest) -> _Claimed | _NeedsFill | None:
+    def _claim(self, s: Session, req: LeaseRequest, token_id: int | None = None) -> _Claimed | _NeedsFill | None:
         begin_write(s)
         now = utcnow()
         share = cast(Study.n_running, Float) / Study.max_parallel
@@ -241,14 +251,14 @@ class Scheduler:
             if study is None:
                 busy.append(cand.id)  # another grant holds it right now
                 continue
-            claimed = self._claim_in(s, study, req)
+            claimed = self._claim_in(s, study, req, token_id)
             if claimed is not None:
                 return claimed
         for study_id in busy:
             # Every ready study was busy: wait for the fairest one (we hold no other lock).
             study = lock_study(s, study_id)
             if study is not None:
-                claimed = self._claim_in(s, study, req)
+                claimed = self._claim_in(s, study, req, token_id)
                 if claimed is not None:
                     return claimed
         return None
@@ -271,7 +281,7 @@ class Scheduler:
         )
         return cand.n_started + int(fresh or 0) < cand.n_trials
 
-    def _claim_in(self, s: Session, study: Study, req: LeaseRequest) -> _Claimed | None:
+    def _claim_in(self, s: Session, study: Study, req: LeaseRequest, token_id: int | None = None) -> _Claimed | None:
         """Claim a ready row of a locked study, or None if it can take no more now."""
         now = utcnow()  # after the lock: the lease's clock starts when it is really granted
         if study.status != StudyStatus.RUNNING or study.n_running >= study.max_parallel or timed_out(study, now):
@@ -309,6 +319,7 @@ class Scheduler:
             study_id=study.id,
             attempt=attempt,
             worker_id=req.worker_id,
+            token_id=token_id,
             slot=req.slot,
             state=LeaseState.ACTIVE,
             granted_at=now,
@@ -336,6 +347,7 @@ class Scheduler:
             spec_json=study.spec,
             objectives=list(study.objectives or []),
             resume=attempt > 1 and trial.checkpoint_path is not None,
+            token_id=token_id,
         )
 
     def _spec(self, study_id: int, spec_json: dict[str, Any]) -> StudySpec:
@@ -367,7 +379,8 @@ class Scheduler:
 
     # ================================================================== heartbeat
 
-    def heartbeat(self, lease_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
+    def heartbeat(self, lease_id: str, req: HeartbeatRequest, principal: Principal | None = None) -> HeartbeatResponse:
+        self.check_holder(lease_id, principal)
         return self.db.run(lambda s: self._heartbeat(s, lease_id, req))
 
     def _heartbeat(self, s: Session, lease_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
@@ -397,8 +410,8 @@ class Scheduler:
 
     # ================================================================== report
 
-    def report(self, lease_id: str, req: ReportRequest) -> ReportResponse:
-        meta = self._meta(lease_id)
+    def report(self, lease_id: str, req: ReportRequest, principal: Principal | None = None) -> ReportResponse:
+        meta = self.check_holder(lease_id, principal)
         objective = meta.objectives[0] if meta.objectives else None
         if objective is not None and objective not in req.metrics:
             raise Invalid(f"metrics.{objective}", f"missing; the study optimises {objective!r}")
@@ -457,8 +470,8 @@ class Scheduler:
 
     # ================================================================== complete / fail
 
-    def complete(self, lease_id: str, req: CompleteRequest) -> FinishResponse:
-        meta = self._meta(lease_id)
+    def complete(self, lease_id: str, req: CompleteRequest, principal: Principal | None = None) -> FinishResponse:
+        meta = self.check_holder(lease_id, principal)
         try:
             values = _objective_values(list(meta.objectives), req.metrics)
         except Invalid:
@@ -469,7 +482,8 @@ class Scheduler:
         self.sync(fin)
         return FinishResponse(trial_number=fin.number, state=fin.state.value)
 
-    def fail(self, lease_id: str, req: FailRequest) -> FinishResponse:
+    def fail(self, lease_id: str, req: FailRequest, principal: Principal | None = None) -> FinishResponse:
+        self.check_holder(lease_id, principal)
         fin = self.db.run(lambda s: self._finish_tx(s, lease_id, req.reason.value, None, fail=req))
         self.sync(fin)
         return FinishResponse(trial_number=fin.number, state=fin.state.value)
@@ -642,8 +656,8 @@ class Scheduler:
         if reason in sync.CONSTRAINT_REASONS:
             return False
         ended = select(func.count()).where(Lease.trial_id == trial_id)
-        if reason == "preempted":
-            return int(s.scalar(ended.where(Lease.stop_reason == "preempted")) or 0) <= MAX_PREEMPTIONS
+        if reason in UNCOUNTED_REASONS:
+            return int(s.scalar(ended.where(Lease.stop_reason.in_(UNCOUNTED_REASONS))) or 0) <= MAX_PREEMPTIONS
         counted = int(s.scalar(ended.where(Lease.stop_reason.in_(COUNTED_REASONS))) or 0)
         return counted <= study.max_retries
 
@@ -729,6 +743,21 @@ class Scheduler:
             if len(self._leases) > _LEASE_CACHE:
                 self._leases.popitem(last=False)
 
+    def check_holder(self, lease_id: str, principal: Principal | None) -> _LeaseMeta:
+        """Refuse (403, nothing changed) a caller whose token did not take the lease.
+
+        `principal` None is an in-process caller (tests, tools), trusted. A lease with no
+        token (granted before migration 0002, or with auth disabled) is open to any
+        worker token, as before. Admins are not holders either: they release a lease
+        (`release.py`) instead of acting as its worker.
+        """
+        meta = self._meta(lease_id)
+        if principal is not None and meta.token_id is not None and meta.token_id != principal.token_id:
+            raise Forbidden(
+                f"lease {lease_id} was granted to another token; only its holder may use it", field="lease_id"
+            )
+        return meta
+
     def _meta(self, lease_id: str) -> _LeaseMeta:
         """What never changes about a lease, cached: the hot calls skip a read."""
         meta = self._leases.get(lease_id)
@@ -745,6 +774,7 @@ class Scheduler:
                     Trial.attempts,
                     Study.objectives,
                     Study.directions,
+                    Lease.token_id,
                 )
                 .join(Trial, Trial.id == Lease.trial_id)
                 .join(Study, Study.id == Lease.study_id)
@@ -761,6 +791,7 @@ class Scheduler:
             optuna_trial_id=row.optuna_trial_id if row.attempts == row.attempt else None,
             objectives=tuple(row.objectives or ()),
             directions=tuple(str(d) for d in row.directions),
+            token_id=row.token_id,
         )
         if meta.optuna_trial_id is not None:
             self._remember(lease_id, meta)

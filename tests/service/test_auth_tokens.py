@@ -31,7 +31,7 @@ def test_only_the_hash_is_stored(ctx: ServiceContext) -> None:
 
 
 def test_tokens_are_unique(ctx: ServiceContext) -> None:
-    assert auth.create_token(ctx.db, "a", "user") != auth.create_token(ctx.db, "a", "user")
+    assert auth.create_token(ctx.db, "a", "user") != auth.create_token(ctx.db, "a", "user", user="a")
 
 
 def test_revoked_token_is_refused(ctx: ServiceContext) -> None:

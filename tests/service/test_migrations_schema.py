@@ -63,4 +63,4 @@ def test_downgrade_removes_only_tf_tables(db_url: str, tmp_path: Path) -> None:
 
 def test_alembic_scripts_are_found_from_any_working_directory(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.chdir(tmp_path)
-    assert head_revision() == "0001"
+    assert head_revision() == "0002"

@@ -16,8 +16,9 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.types import Scope
 
-from service.api.deps import CtxDep, StudyIdPath, TrialNumberPath, UserDep, WorkerDep
+from service.api.deps import AdminDep, CtxDep, StudyIdPath, TrialNumberPath, UserDep, WorkerDep
 from service.scheduler import get_scheduler
+from service.scheduler.release import release as release_lease
 from service.settings import Settings
 from trainer.protocol import (
     MAX_STEP,
@@ -36,7 +37,7 @@ router = APIRouter(tags=["leases"])
 
 _LEASE_ERRORS = {
     401: {"description": "Missing or unknown token."},
-    403: {"description": "Not a worker token."},
+    403: {"description": "Not a worker token, or not the token that took this lease."},
     409: {"description": "The lease expired, ended, or was never granted: stop the trial, send nothing more."},
 }
 
@@ -74,36 +75,52 @@ class CheckpointStored(BaseModel):
     "/leases",
     responses={**_LEASE_ERRORS, 204: {"description": "No work right now; ask again later."}},
 )
-def lease(body: LeaseRequest, ctx: CtxDep, _worker: WorkerDep) -> LeaseGrant:
-    """Take the next trial: fair share across studies, within each study's max_parallel and budget."""
-    grant = get_scheduler(ctx).grant(body)
+def lease(body: LeaseRequest, ctx: CtxDep, worker: WorkerDep) -> LeaseGrant:
+    """Take the next trial: fair share across studies, within each study's max_parallel and budget.
+    Only the token that took the lease may use it afterwards."""
+    grant = get_scheduler(ctx).grant(body, worker)
     if grant is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)  # type: ignore[return-value]
     return grant
 
 
 @router.post("/leases/{lease_id}/heartbeat", responses=_LEASE_ERRORS)
-def heartbeat(lease_id: LeaseIdPath, body: HeartbeatRequest, ctx: CtxDep, _worker: WorkerDep) -> HeartbeatResponse:
+def heartbeat(lease_id: LeaseIdPath, body: HeartbeatRequest, ctx: CtxDep, worker: WorkerDep) -> HeartbeatResponse:
     """Extend the lease; `stop` says the study was cancelled, the trial timed out or ended."""
-    return get_scheduler(ctx).heartbeat(lease_id, body)
+    return get_scheduler(ctx).heartbeat(lease_id, body, worker)
 
 
 @router.post("/leases/{lease_id}/report", responses={**_LEASE_ERRORS, 422: {"description": "Objective missing."}})
-def report(lease_id: LeaseIdPath, body: ReportRequest, ctx: CtxDep, _worker: WorkerDep) -> ReportResponse:
+def report(lease_id: LeaseIdPath, body: ReportRequest, ctx: CtxDep, worker: WorkerDep) -> ReportResponse:
     """One evaluation (a point of the learning curve); `prune` is the study pruner's decision."""
-    return get_scheduler(ctx).report(lease_id, body)
+    return get_scheduler(ctx).report(lease_id, body, worker)
 
 
 @router.post("/leases/{lease_id}/complete", responses={**_LEASE_ERRORS, 422: {"description": "Objective missing."}})
-def complete(lease_id: LeaseIdPath, body: CompleteRequest, ctx: CtxDep, _worker: WorkerDep) -> FinishResponse:
+def complete(lease_id: LeaseIdPath, body: CompleteRequest, ctx: CtxDep, worker: WorkerDep) -> FinishResponse:
     """The trial ran to the end; its objective values are read from `metrics`."""
-    return get_scheduler(ctx).complete(lease_id, body)
+    return get_scheduler(ctx).complete(lease_id, body, worker)
 
 
 @router.post("/leases/{lease_id}/fail", responses=_LEASE_ERRORS)
-def fail(lease_id: LeaseIdPath, body: FailRequest, ctx: CtxDep, _worker: WorkerDep) -> FinishResponse:
+def fail(lease_id: LeaseIdPath, body: FailRequest, ctx: CtxDep, worker: WorkerDep) -> FinishResponse:
     """The attempt failed; `state` is `waiting` when a retry was scheduled, else `failed`."""
-    return get_scheduler(ctx).fail(lease_id, body)
+    return get_scheduler(ctx).fail(lease_id, body, worker)
+
+
+@router.post(
+    "/leases/{lease_id}/release",
+    responses={
+        401: {"description": "Missing or unknown token."},
+        403: {"description": "Not an admin token."},
+        404: {"description": "No such lease."},
+        409: {"description": "The lease is not active any more."},
+    },
+)
+def release(lease_id: LeaseIdPath, ctx: CtxDep, _admin: AdminDep) -> FinishResponse:
+    """(admins) Take a lease back from its worker, like an expiry: the attempt fails with reason
+    `released` and is retried like a preemption; the holder's next call gets 409."""
+    return release_lease(get_scheduler(ctx), lease_id)
 
 
 @router.put(
@@ -115,12 +132,12 @@ async def upload_checkpoint(
     lease_id: LeaseIdPath,
     request: Request,
     ctx: CtxDep,
-    _worker: WorkerDep,
+    worker: WorkerDep,
     step: Annotated[int, Header(alias=CHECKPOINT_STEP_HEADER, ge=0, le=MAX_STEP)],
 ) -> CheckpointStored:
     """An uncompressed tar of the checkpoint folder, streamed to disk (never held in memory)."""
     store = get_scheduler(ctx).checkpoints
-    upload = await run_in_threadpool(store.begin_upload, lease_id, step)
+    upload = await run_in_threadpool(store.begin_upload, lease_id, step, worker)
     try:
         async for chunk in request.stream():
             # Local disk writes of one network chunk are short; a thread hop per chunk
@@ -142,9 +159,9 @@ def _file(path: str, step: int | None, filename: str) -> FileResponse:
     responses={**_LEASE_ERRORS, 404: {"description": "No earlier attempt uploaded a checkpoint."}},
     response_class=FileResponse,
 )
-def download_checkpoint(lease_id: LeaseIdPath, ctx: CtxDep, _worker: WorkerDep) -> FileResponse:
+def download_checkpoint(lease_id: LeaseIdPath, ctx: CtxDep, worker: WorkerDep) -> FileResponse:
     """For a retry: the last checkpoint of the trial's earlier attempts (step in X-Checkpoint-Step)."""
-    found = get_scheduler(ctx).checkpoints.for_lease(lease_id)
+    found = get_scheduler(ctx).checkpoints.for_lease(lease_id, worker)
     return _file(str(found.path), found.step, "checkpoint.tar")
 
 

@@ -19,7 +19,7 @@ import pytest
 from sched_test_helpers import BASE_SPEC
 from sqlalchemy import func, select
 
-from service import studies
+from service import auth, studies
 from service.auth import Principal
 from service.context import ServiceContext
 from service.models import Role, Study, Trial, TrialState
@@ -27,8 +27,9 @@ from service.scheduler import Scheduler, get_scheduler
 
 
 @pytest.fixture
-def principal() -> Principal:
-    return Principal(token_id=None, name="alice", owner="alice", role=Role.USER)
+def principal(ctx: ServiceContext) -> Principal:
+    user_id = auth.ensure_user(ctx.db, "alice")
+    return Principal(token_id=None, name="alice", owner="alice", role=Role.USER, user_id=user_id)
 
 
 @pytest.fixture
