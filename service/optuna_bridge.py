@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -58,9 +58,18 @@ from pydantic import ValidationError
 
 from service.errors import Conflict, Invalid, NotFound
 from service.paths import check_read_file
-from service.spec import AnyDimension, CategoricalDimension, IntDimension, StudySpec, choice_key, validation_messages
+from service.spec import (
+    INT64_MAX,
+    INT64_MIN,
+    AnyDimension,
+    CategoricalDimension,
+    IntDimension,
+    StudySpec,
+    choice_key,
+    validation_messages,
+)
 from trainer import registry
-from trainer.config import ModelRef, NamedModel, PretrainedModel, TrialConfig
+from trainer.config import MAX_STEPS, ModelRef, NamedModel, PretrainedModel, TrialConfig
 from trainer.knobs import Hyperparams
 from trainer.modeling.build import model_depth_and_heads
 from trainer.outcome import ConfigError
@@ -209,7 +218,10 @@ class _Space:
             return CategoricalDistribution(dim.choices)
         if isinstance(dim, IntDimension):
             return IntDistribution(dim.low, dim.high, log=dim.log, step=dim.step)
-        return FloatDistribution(dim.low, dim.high, log=dim.log, step=dim.step)
+        try:
+            return FloatDistribution(dim.low, dim.high, log=dim.log, step=dim.step)
+        except (ArithmeticError, ValueError) as exc:  # Optuna's Decimal snapping of high onto the step
+            raise Invalid(f"search_space.{name}", f"Optuna cannot use this range: {exc}") from None
 
     def distribution(self, name: str, params: Mapping[str, Any]) -> BaseDistribution:
         """The distribution of searched knob `name`, given the knobs sampled before it."""
@@ -307,7 +319,10 @@ def _lattice_size(name: str, dist: BaseDistribution) -> int:
             f"search_space.{name}",
             "the grid sampler needs a finite space: give this float range a step, or use categorical choices",
         )
-    return round((dist.high - dist.low) / dist.step) + 1
+    points = (dist.high - dist.low) / dist.step
+    if not points <= GRID_LIMIT:  # also catches inf and NaN, which round() would raise on
+        raise Invalid(f"search_space.{name}.step", f"the grid sampler would have more than {GRID_LIMIT:,} points")
+    return round(points) + 1
 
 
 def _lattice(name: str, dist: BaseDistribution) -> list[Any]:
@@ -374,46 +389,147 @@ def _check_edge(space: _Space, parent: str, child: str) -> None:
             raise Invalid(field, why)
 
 
-def _scalar_types(annotation: Any) -> tuple[str, ...] | None:
-    """The scalar types an Optuna constructor argument takes, from its annotation; None when
-    it takes anything else (callables, samplers, trials), which a spec must never give."""
-    if annotation is inspect.Parameter.empty:
-        return None
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    parts = tuple(p.strip() for p in text.split("|"))
-    return parts if all(p in ("int", "float", "bool", "str", "None") for p in parts) else None
+def _in(low: float | None, high: float | None) -> str:
+    return f" in [{low}, {high}]" if low is not None and high is not None else ""
 
 
-def _fits(value: Any, kinds: tuple[str, ...]) -> bool:
-    checks = {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "None": lambda v: v is None,
-    }
-    return any(checks[k](value) for k in kinds)
+@dataclass(frozen=True)
+class Option:
+    """A sampler or pruner argument a spec may set. Bounded, because Optuna takes any size
+    (n_ei_candidates: 3_000_000 makes every ask cost seconds and hundreds of MB)."""
+
+    kind: Literal["int", "float", "bool"] | None = None
+    low: float | None = None
+    high: float | None = None
+    words: tuple[str, ...] = ()
+    """Strings it accepts besides (or instead of) a number."""
+    nullable: bool = False
+    required: bool = False
+
+    def allows(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, str):
+            return value in self.words
+        if isinstance(value, bool) or self.kind in (None, "bool"):
+            return isinstance(value, bool) and self.kind == "bool"
+        if not isinstance(value, int if self.kind == "int" else float | int):
+            return False
+        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+    def text(self) -> str:
+        parts = {
+            "int": f"an integer{_in(self.low, self.high)}",
+            "float": f"a number{_in(self.low, self.high)}",
+            "bool": "true or false",
+        }
+        kinds = ([parts[self.kind]] if self.kind else []) + [repr(w) for w in self.words]
+        return " or ".join(kinds + (["null"] if self.nullable else []))
 
 
-def _check_options(section: str, cls: type, options: Mapping[str, Any], reserved: Mapping[str, str]) -> None:
-    params = inspect.signature(cls).parameters
-    settable = {n: t for n, p in params.items() if n not in reserved and (t := _scalar_types(p.annotation))}
+MAX_STARTUP_TRIALS = 10_000
+_FLAG = Option("bool")
+_PROBABILITY = Option("float", 0.0, 1.0)
+_TRIALS = Option("int", 0, MAX_STARTUP_TRIALS)
+_WARMUP = Option("int", 0, MAX_STEPS)
+_INTERVAL = Option("int", 1, MAX_STEPS)
+_REDUCTION = Option("int", 2, 100)
+_BOOTSTRAP = Option("int", 0, MAX_STARTUP_TRIALS)
+_MEDIAN = {
+    "n_startup_trials": _TRIALS,
+    "n_warmup_steps": _WARMUP,
+    "interval_steps": _INTERVAL,
+    "n_min_trials": Option("int", 1, MAX_STARTUP_TRIALS),
+}
+
+# What a spec may set, checked against Optuna 5.1's constructors. Left out: arguments that
+# take Python objects (gamma, x0, mutation, ...), deprecated ones (consider_prior,
+# restart_strategy, ...) and those TuneForge sets itself (seed, search_space).
+SAMPLER_OPTIONS: dict[str, dict[str, Option]] = {
+    "tpe": {
+        "n_startup_trials": _TRIALS,
+        "n_ei_candidates": Option("int", 1, 1000),
+        "multivariate": _FLAG,
+        "group": _FLAG,
+        "constant_liar": _FLAG,
+    },
+    "random": {},
+    "grid": {},
+    "cmaes": {
+        "sigma0": Option("float", 1e-6, 1e3, nullable=True),
+        "n_startup_trials": _TRIALS,
+        "popsize": Option("int", 2, 1000, nullable=True),
+        "consider_pruned_trials": _FLAG,
+        "use_separable_cma": _FLAG,
+        "with_margin": _FLAG,
+        "lr_adapt": _FLAG,
+        "warn_independent_sampling": _FLAG,
+    },
+    "gp": {"n_startup_trials": _TRIALS, "deterministic_objective": _FLAG, "warn_independent_sampling": _FLAG},
+    "qmc": {
+        "qmc_type": Option(words=("sobol", "halton")),
+        "scramble": _FLAG,
+        "warn_asynchronous_seeding": _FLAG,
+        "warn_independent_sampling": _FLAG,
+    },
+    "nsga2": {
+        "population_size": Option("int", 2, 1000),
+        "mutation_prob": Option("float", 0.0, 1.0, nullable=True),
+        "crossover_prob": _PROBABILITY,
+        "swapping_prob": _PROBABILITY,
+    },
+}
+PRUNER_OPTIONS: dict[str, dict[str, Option]] = {
+    "none": {},
+    "median": _MEDIAN,
+    "percentile": {"percentile": Option("float", 0.0, 100.0, required=True), **_MEDIAN},
+    "successive_halving": {
+        "min_resource": Option("int", 1, MAX_STEPS, words=("auto",)),
+        "reduction_factor": _REDUCTION,
+        # rungs are reduction_factor ** (rate + rung) steps apart: beyond this no step is reached
+        "min_early_stopping_rate": Option("int", 0, 30),
+        "bootstrap_count": _BOOTSTRAP,
+    },
+    "hyperband": {
+        "min_resource": Option("int", 1, MAX_STEPS),
+        "max_resource": Option("int", 1, MAX_STEPS, words=("auto",)),
+        "reduction_factor": _REDUCTION,
+        "bootstrap_count": _BOOTSTRAP,
+    },
+    "wilcoxon": {"p_threshold": _PROBABILITY, "n_startup_steps": _WARMUP},
+    "threshold": {
+        "lower": Option("float", nullable=True),
+        "upper": Option("float", nullable=True),
+        "n_warmup_steps": _WARMUP,
+        "interval_steps": _INTERVAL,
+    },
+}
+
+
+def _short(value: Any) -> str:
+    """repr for an error message: a user's value can be a megabyte long."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_options(
+    section: str, cls: type, accepted: Mapping[str, Option], options: Mapping[str, Any], reserved: Mapping[str, str]
+) -> None:
+    listed = ", ".join(accepted) or "none"
     for key, value in options.items():
         field = f"{section}.options.{key}"
         if key in reserved:
             raise Invalid(field, reserved[key])
-        if key not in params:
-            accepted = ", ".join(settable) or "none"
-            raise Invalid(field, f"unknown option of {cls.__name__}; accepted options: {accepted}")
-        if key not in settable:
-            raise Invalid(field, f"{cls.__name__}'s {key} takes a Python object, which a spec cannot give")
-        if not _fits(value, settable[key]):
-            raise Invalid(field, f"expected {' or '.join(settable[key])}, got {value!r}")
-    for name, param in params.items():
-        if param.default is inspect.Parameter.empty and name not in options and name not in reserved:
-            raise Invalid(f"{section}.options.{name}", f"required by {cls.__name__}")
-
-
+        option = accepted.get(key)
+        if option is None:
+            known = key in inspect.signature(cls).parameters
+            what = f"{cls.__name__}'s {key} cannot be set from a spec" if known else f"unknown option of {cls.__name__}"
+            raise Invalid(field, f"{what}; accepted options: {listed}")
+        if not option.allows(value):
+            raise Invalid(field, f"expected {option.text()}, got {_short(value)}")
+    for key, option in accepted.items():
+        if option.required and key not in options:
+            raise Invalid(f"{section}.options.{key}", f"required by {cls.__name__}")
 def check_search(spec: StudySpec) -> None:
     """The rules that depend on how the space is sampled: model shape, conditional knobs,
     the grid, several objectives, sampler and pruner options. `spec` must have resolved
@@ -437,8 +553,9 @@ def check_search(spec: StudySpec) -> None:
             "sampler.name",
             f"{spec.sampler.name} needs the Python package {package!r}, which is not installed on the server",
         )
-    _check_options("sampler", SAMPLERS[spec.sampler.name], spec.sampler.options, _SET_BY_TUNEFORGE)
-    _check_options("pruner", PRUNERS[spec.pruner.name], spec.pruner.options, {})
+    sampler, pruner = spec.sampler.name, spec.pruner.name
+    _check_options("sampler", SAMPLERS[sampler], SAMPLER_OPTIONS[sampler], spec.sampler.options, _SET_BY_TUNEFORGE)
+    _check_options("pruner", PRUNERS[pruner], PRUNER_OPTIONS[pruner], spec.pruner.options, {})
     try:
         make_sampler(spec, parallel=spec.budget.max_parallel > 1)
     except (ValueError, TypeError) as exc:
@@ -573,7 +690,10 @@ def _contained(dist: BaseDistribution, value: Any) -> tuple[bool, Any]:
     if isinstance(dist, CategoricalDistribution):
         key = choice_key(value)
         return next(((True, c) for c in dist.choices if choice_key(c) == key), (False, value))
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False, value
+    # float() overflows on an integer beyond 1e308; no knob comes near 2**63
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX or not math.isfinite(value):
         return False, value
     if isinstance(dist, IntDistribution):
         if not float(value).is_integer():
@@ -627,7 +747,7 @@ def check_params(spec: StudySpec, params: Mapping[str, Any]) -> dict[str, Any]:
         ok, value = _contained(dist, params[name])
         if not ok:
             note = f" ({_CONDITION[name]})" if name in _CONDITION and dist != space.base_distribution(name) else ""
-            raise Invalid(f"params.{name}", f"{params[name]!r} is not in {_describe(dist)}{note}")
+            raise Invalid(f"params.{name}", f"{_short(params[name])} is not in {_describe(dist)}{note}")
         checked[name] = value
     return checked
 
@@ -705,7 +825,27 @@ def load_optuna_study(spec: StudySpec, storage: BaseStorage, study_name: str) ->
         raise NotFound(f"no Optuna study named {study_name!r}") from None
 
 
-def make_storage(url: str, engine_kwargs: dict[str, Any] | None = None) -> RDBStorage:
+def make_storage(
+    url: str, engine_kwargs: dict[str, Any] | None = None, *, pool_size: int = 10, max_overflow: int = 20
+) -> RDBStorage:
     """Optuna's storage on the service database. No heartbeat: workers never touch Optuna,
-    leases track liveness instead."""
-    return RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False)
+    leases track liveness instead.
+
+    Its engine gets our engine's settings (`service.db.engine_kwargs`): Optuna turns on
+    pool_pre_ping for MySQL only, so after a PostgreSQL restart its first write would
+    fail on a dead pooled connection ("An exception is raised during the commit").
+    `engine_kwargs`, when given, replaces them.
+    """
+    from service.db import engine_kwargs as our_engine_kwargs
+    from service.db import install_pragmas
+
+    kwargs = engine_kwargs
+    if kwargs is None:
+        kwargs = our_engine_kwargs(url, pool_size=pool_size, max_overflow=max_overflow)
+    storage = RDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=False)
+    if engine_kwargs is None and storage.engine.dialect.name == "sqlite":
+        # RDBStorage connected while it checked its schema, before a listener could be
+        # added: drop those connections so every pooled one gets the pragmas.
+        install_pragmas(storage.engine)
+        storage.engine.dispose()
+    return storage

@@ -34,16 +34,39 @@ from pydantic import (
 from service.errors import Invalid
 from service.paths import resolve_spec_paths
 from trainer import registry
-from trainer.config import METRIC_NAMES, DatasetRef, DataSettings, MetricName, ModelRef, RunSettings
+from trainer.config import (
+    MAX_SEED,
+    METRIC_NAMES,
+    DatasetRef,
+    DataSettings,
+    MetricName,
+    ModelRef,
+    RunSettings,
+    Seconds,
+)
 from trainer.knobs import Knob, catalogue
 
 Scalar = str | int | float | bool | None
 
 MAX_CHOICES = 1000
 MAX_STRING = 200
+MAX_OPTIONS = 50
+# Databases, numpy and float() all break on integers beyond 64 bits (OverflowError: a 500).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Points between low and high of a stepped range: Optuna lists a lattice to sample it, and
+# a finer step (5e-324) overflows or takes forever on every ask.
+MAX_LATTICE = 1_000_000
+# A step or range this much smaller than the values it spans makes neighbouring points equal
+# floats, and TPE's kernels NaN (a 500 on every ask); so do subnormal bounds (5e-324).
+MIN_RELATIVE_STEP = 1e-9
+MIN_MAGNITUDE = 1e-300
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 def _scalar(value: Any) -> Scalar:
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError("integers must fit in 64 bits (at most 9223372036854775807 in size)")
     if value is None or isinstance(value, str | bool | int):
         if isinstance(value, str) and len(value) > MAX_STRING:
             raise ValueError(f"strings are limited to {MAX_STRING} characters")
@@ -57,6 +80,8 @@ def _scalar(value: Any) -> Scalar:
 
 def _scalar_or_list(value: Any) -> Scalar | list[Scalar]:
     if isinstance(value, list):
+        if len(value) > MAX_CHOICES:
+            raise ValueError(f"lists are limited to {MAX_CHOICES} items")
         return [_scalar(v) for v in value]
     return _scalar(value)
 
@@ -94,9 +119,9 @@ class IntDimension(_Spec):
     """An integer range, both ends included."""
 
     type: Literal["int"]
-    low: int
-    high: int
-    step: int = Field(1, ge=1)
+    low: Int64
+    high: Int64
+    step: int = Field(1, ge=1, le=INT64_MAX)
     log: bool = False
 
 
@@ -135,16 +160,20 @@ PRUNER_ALIASES = {"asha": "successive_halving"}
 
 class SamplerSpec(_Spec):
     name: SamplerName = "tpe"
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seeds the sampler (numpy takes 32 bits).")
     options: dict[str, OptionValue] = Field(
-        default_factory=dict, description="Keyword arguments of the Optuna sampler (scalars only)."
+        default_factory=dict,
+        max_length=MAX_OPTIONS,
+        description="Keyword arguments of the Optuna sampler (scalars only).",
     )
 
 
 class PrunerSpec(_Spec):
     name: PrunerName = Field("none", description="'asha' is accepted as an alias of successive_halving.")
     options: dict[str, OptionValue] = Field(
-        default_factory=dict, description="Keyword arguments of the Optuna pruner (scalars only)."
+        default_factory=dict,
+        max_length=MAX_OPTIONS,
+        description="Keyword arguments of the Optuna pruner (scalars only).",
     )
 
     @field_validator("name", mode="before")
@@ -155,10 +184,10 @@ class PrunerSpec(_Spec):
 
 class Budget(_Spec):
     n_trials: int | None = Field(None, ge=1, le=1_000_000, description="Trials to run; null: until timeout_s.")
-    timeout_s: float | None = Field(None, gt=0.0, description="Stop starting trials after this many seconds.")
+    timeout_s: Seconds | None = Field(None, description="Stop starting trials after this many seconds.")
     max_parallel: int = Field(1, ge=1, le=1024, description="Trials of this study running at once.")
     max_retries: int = Field(1, ge=0, le=100, description="Retries of a trial whose worker was lost.")
-    trial_timeout_s: float | None = Field(None, gt=0.0, description="Fail a trial that runs longer.")
+    trial_timeout_s: Seconds | None = Field(None, description="Fail a trial that runs longer.")
 
     @model_validator(mode="after")
     def _bounded(self) -> Budget:
@@ -171,8 +200,11 @@ StudyName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-
 
 
 class WarmStart(_Spec):
-    study: StrictInt | StudyName = Field(description="Name or id of a finished or running study.")
-    n_best: int = Field(10, ge=1, le=10_000, description="Best trials of that study to enqueue first.")
+    study: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] | StudyName = Field(
+        description="Name or id of a finished or running study."
+    )
+    # each is an Optuna trial written in the submit request, as many as one enqueue may add
+    n_best: int = Field(10, ge=1, le=100, description="Best trials of that study to enqueue first.")
 
 
 class StudySpec(_Spec):
@@ -398,7 +430,7 @@ def choice_key(value: Scalar) -> tuple[str, Any]:
     if isinstance(value, bool):
         return "bool", value
     if isinstance(value, int | float):
-        return "number", float(value)
+        return "number", value  # Python already equates (and hashes) 1 and 1.0; float() overflows
     return type(value).__name__, value
 
 
@@ -435,12 +467,26 @@ def _check_range(name: str, dim: FloatDimension | IntDimension, knob: Knob) -> N
         value = getattr(dim, end)
         if not knob.in_range(float(value)):
             raise Invalid(f"{where}.{end}", f"{_num(value)} is outside the limits of {name}: {limits_text(knob)}")
+    magnitude = max(abs(dim.low), abs(dim.high))
+    for end in ("low", "high"):
+        value = getattr(dim, end)
+        if value and abs(value) < MIN_MAGNITUDE:
+            raise Invalid(f"{where}.{end}", f"{_num(value)} is too close to 0: use 0 or at least {MIN_MAGNITUDE:g}")
+    if dim.high - dim.low < MIN_RELATIVE_STEP * magnitude:
+        raise Invalid(where, f"[{dim.low!r}, {dim.high!r}] is too narrow to sample; put {name} in fixed")
     step = dim.step
     # integers default to step 1, which is what a log scale steps by anyway
     if dim.log and step is not None and (dim.type == "float" or step != 1):
         raise Invalid(f"{where}.step", "cannot be combined with log: true; drop step or log")
     if step is not None and step > dim.high - dim.low:
         raise Invalid(f"{where}.step", f"{_num(step)} is larger than high - low ({_num(dim.high - dim.low)})")
+    if step is not None and (dim.high - dim.low) / step > MAX_LATTICE:
+        raise Invalid(
+            f"{where}.step",
+            f"{_num(step)} is too fine: more than {MAX_LATTICE:,} points between low and high; raise the step",
+        )
+    if step is not None and step < MIN_RELATIVE_STEP * magnitude:
+        raise Invalid(f"{where}.step", f"{_num(step)} is too small for values as large as {_num(dim.high)}")
 
 
 def _check_dimension(name: str, dim: AnyDimension, knobs: dict[str, Knob]) -> None:
@@ -493,6 +539,20 @@ def _check_names(spec: StudySpec) -> None:
         raise Invalid("dataset.name", str(exc)) from None
 
 
+def _check_text(node: Any, where: str) -> None:
+    """PostgreSQL cannot store NUL in text, and paths holding one raise in every OS call."""
+    if isinstance(node, str):
+        if "\x00" in node:
+            raise Invalid(where or "spec", "must not contain NUL characters (\\u0000)")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            _check_text(key, where or "spec")
+            _check_text(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_text(value, f"{where}.{i}")
+
+
 def check_spec(spec: StudySpec, data_roots: Sequence[Path]) -> None:
     """Apply every rule the schema cannot express; raise `Invalid(field, reason)` on the first
     broken one. Dataset columns are not checked here: the trainer reads the data.
@@ -502,6 +562,7 @@ def check_spec(spec: StudySpec, data_roots: Sequence[Path]) -> None:
     """
     from service.optuna_bridge import check_search  # optuna_bridge imports this module
 
+    _check_text(spec.model_dump(), "")
     _check_objectives(spec)
     knobs = catalogue()
     for name, dim in spec.search_space.items():

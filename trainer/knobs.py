@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 OptimizerName = Literal["adamw", "adam", "sgd", "rmsprop"]
 SchedulerName = Literal["linear", "cosine", "step", "constant"]
-UnfreezeDepth = int | Literal["all"]
+MAX_LAYERS = 128
+# bounded in the type itself, so a trainer config file is held to the catalogue's limits too
+UnfreezeDepth = Annotated[int, Field(ge=0, le=MAX_LAYERS)] | Literal["all"]
 
 # Knobs whose natural search is on a log scale; the service accepts `log: true` for any
 # positive float range, this only marks what the catalogue recommends.
@@ -34,7 +36,7 @@ class Hyperparams(BaseModel):
     epochs: int = Field(3, ge=1, le=1000, description="Passes over the training data.")
     max_seq_len: int = Field(128, ge=8, le=8192, description="Tokens kept per example; longer texts are truncated.")
     num_layers: int | None = Field(
-        None, ge=1, le=128,
+        None, ge=1, le=MAX_LAYERS,
         description="Encoder layers kept (the first N of a pretrained model); null keeps them all.",
     )
     num_heads: int | None = Field(
@@ -132,6 +134,8 @@ def _describe(name: str, annotation: Any) -> tuple[KnobType, tuple[Any, ...] | N
     literals: list[Any] = []
     base: type | None = None
     for m in members:
+        if typing.get_origin(m) is Annotated:
+            m = typing.get_args(m)[0]
         if typing.get_origin(m) is Literal:
             literals.extend(typing.get_args(m))
         elif m in (int, float, bool):
@@ -154,7 +158,7 @@ def catalogue() -> dict[str, Knob]:
         ktype, choices, nullable = _describe(name, field.annotation)
         low, high, low_inc, high_inc = _bounds(field.metadata)
         if name == "unfreeze_depth":
-            low, high = 0.0, 128.0
+            low, high = 0.0, float(MAX_LAYERS)
         knobs[name] = Knob(
             name=name,
             type=ktype,

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import itertools
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -427,3 +429,65 @@ def test_create_and_load_on_an_rdb_storage(minilm_spec_data: SpecData, spec_data
         bridge.load_optuna_study(spec, storage, "nobody.nothing.0")
     # what optuna-dashboard and optuna.load_study see
     assert optuna.load_study(study_name="alice.minilm.1", storage=storage).direction == StudyDirection.MAXIMIZE
+
+
+# ---------------------------------------------------------------------------- option tables (issue 7)
+
+
+@pytest.mark.parametrize(
+    ("table", "classes"),
+    [(bridge.SAMPLER_OPTIONS, bridge.SAMPLERS), (bridge.PRUNER_OPTIONS, bridge.PRUNERS)],
+    ids=["samplers", "pruners"],
+)
+def test_every_listed_option_exists_and_its_bounds_construct(
+    table: dict[str, dict[str, bridge.Option]], classes: dict[str, type]
+) -> None:
+    """The tables follow the installed Optuna: each option is a constructor argument, and
+    each end of its range is a value the constructor takes."""
+    assert set(table) == set(classes)
+    base = {
+        "percentile": {"percentile": 50.0},
+        "successive_halving": {"min_resource": 1},
+        "hyperband": {"max_resource": 10},
+        "threshold": {"lower": 0, "upper": 1},
+    }
+    for name, options in table.items():
+        cls = classes[name]
+        params = inspect.signature(cls).parameters
+        for key, option in options.items():
+            assert key in params, (name, key)
+            values = [option.low, option.high, *option.words] if option.kind != "bool" else [True, False]
+            for value in [v for v in values if v is not None] + ([None] if option.nullable else []):
+                assert option.allows(value), (name, key, value)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    cls(**{**base.get(name, {}), key: value})
+
+
+def test_option_allows_only_its_type_and_range() -> None:
+    option = bridge.Option("int", 1, 10, words=("auto",))
+    allowed = [v for v in (1, 10, "auto", 0, 11, 2.0, True, None, "x", [1]) if option.allows(v)]
+    assert allowed == [1, 10, "auto"]
+    assert option.text() == "an integer in [1, 10] or 'auto'"
+    assert not bridge.Option(words=("sobol",)).allows(3)
+    assert bridge.Option("float", 0.0, 1.0).allows(1) and not bridge.Option("bool").allows(1)
+
+
+def test_grid_space_raises_only_invalid_for_a_stored_bad_step(minilm_spec_data: SpecData) -> None:
+    """A spec stored before the step bound existed: the grid must say Invalid, not overflow."""
+    data = minilm_spec_data(
+        search_space={"dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 5e-324}}, sampler={"name": "grid"}
+    )
+    spec = StudySpec.model_validate(data)
+    with pytest.raises(Invalid) as err:
+        bridge.grid_size(spec)
+    assert err.value.field.startswith("search_space.dropout")
+
+
+def test_enqueued_huge_integers_are_not_contained(minilm_spec_data: SpecData, spec_data_root: Path) -> None:
+    spec = checked(minilm_spec_data(), spec_data_root)
+    good = {"learning_rate": 1e-4, "batch_size": 32, "num_layers": 4, "unfreeze_depth": 2}
+    for knob in good:
+        with pytest.raises(Invalid) as err:
+            bridge.check_params(spec, {**good, knob: 10**400})
+        assert err.value.field == f"params.{knob}" and "a huge integer" in err.value.reason

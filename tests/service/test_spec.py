@@ -609,12 +609,21 @@ def test_two_objectives_with_a_pruner(minilm_spec_data: SpecData, spec_data_root
     ("section", "options", "field", "reason"),
     [
         ("sampler", {"n_startup": 5}, "sampler.options.n_startup", "unknown option of TPESampler; accepted options:"),
-        ("sampler", {"gamma": 3}, "sampler.options.gamma", "takes a Python object, which a spec cannot give"),
-        ("sampler", {"n_startup_trials": "ten"}, "sampler.options.n_startup_trials", "expected int, got 'ten'"),
-        ("sampler", {"n_startup_trials": True}, "sampler.options.n_startup_trials", "expected int, got True"),
+        ("sampler", {"gamma": 3}, "sampler.options.gamma", "TPESampler's gamma cannot be set from a spec; accepted"),
+        ("sampler", {"consider_prior": True}, "sampler.options.consider_prior", "cannot be set from a spec"),
+        ("sampler", {"n_startup_trials": "ten"}, "sampler.options.n_startup_trials", "expected an integer in [0, "),
+        ("sampler", {"n_startup_trials": True}, "sampler.options.n_startup_trials", "got True"),
+        ("sampler", {"n_startup_trials": 10**6}, "sampler.options.n_startup_trials", "in [0, 10000], got 1000000"),
+        ("sampler", {"n_ei_candidates": 3_000_000}, "sampler.options.n_ei_candidates", "in [1, 1000]"),
+        ("sampler", {"n_ei_candidates": 0}, "sampler.options.n_ei_candidates", "in [1, 1000]"),
         ("sampler", {"seed": 3}, "sampler.options.seed", "set sampler.seed instead"),
         ("pruner", {"warmup": 2}, "pruner.options.warmup", "unknown option of SuccessiveHalvingPruner"),
-        ("pruner", {"min_resource": "soon"}, "pruner.options", "min_resource"),
+        ("pruner", {"min_resource": "soon"}, "pruner.options.min_resource", "or 'auto', got 'soon'"),
+        ("pruner", {"min_resource": 0}, "pruner.options.min_resource", "in [1, 100000000]"),
+        ("pruner", {"reduction_factor": 1}, "pruner.options.reduction_factor", "in [2, 100]"),
+        ("pruner", {"reduction_factor": 10**6}, "pruner.options.reduction_factor", "in [2, 100]"),
+        ("pruner", {"min_early_stopping_rate": 10**9}, "pruner.options.min_early_stopping_rate", "in [0, 30]"),
+        ("pruner", {"reduction_factor": 2.5}, "pruner.options.reduction_factor", "expected an integer"),
     ],
 )
 def test_bad_options(
@@ -647,3 +656,97 @@ def test_nan_bound_is_rejected(minilm_spec_data: SpecData) -> None:
         StudySpec.model_validate(data)
     fields = [field for field, _ in validation_messages(err.value)]
     assert "search_space.learning_rate.low" in fields
+
+
+# ---------------------------------------------------------------------------- hardening (issue 7)
+
+HUGE = 10**400
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "field"),
+    [
+        ("budget", {"n_trials": 5, "timeout_s": 1e300}, "budget.timeout_s"),
+        ("budget", {"n_trials": 5, "trial_timeout_s": 365 * 86400 + 1}, "budget.trial_timeout_s"),
+        ("run", {"max_steps": 10**9}, "run.max_steps"),
+        ("run", {"eval_every_steps": HUGE}, "run.eval_every_steps"),
+        ("run", {"seed": 2**32}, "run.seed"),
+        ("data", {"max_eval_examples": 10**10}, "data.max_eval_examples"),
+        ("sampler", {"seed": 2**32}, "sampler.seed"),
+        ("warm_start_from", {"study": "old", "n_best": 101}, "warm_start_from.n_best"),
+    ],
+)
+def test_every_duration_and_count_is_bounded(
+    minilm_spec_data: SpecData, section: str, values: dict[str, Any], field: str
+) -> None:
+    [(named, reason)] = messages(minilm_spec_data(**{section: values}))
+    assert named == field and "less than or equal to" in reason
+
+
+def test_a_year_is_the_longest_duration(minilm_spec_data: SpecData) -> None:
+    budget = {"timeout_s": 365 * 86400, "trial_timeout_s": 365 * 86400}
+    assert StudySpec.model_validate(minilm_spec_data(budget=budget)).budget.timeout_s == 365 * 86400
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"search_space": {"num_layers": {"type": "int", "low": 1, "high": HUGE}}}, "search_space.num_layers.high"),
+        ({"search_space": {"num_layers": {"type": "int", "low": -HUGE, "high": 2}}}, "search_space.num_layers.low"),
+        ({"search_space": {"batch_size": {"type": "categorical", "choices": [1, HUGE]}}}, "search_space.batch_size"),
+        ({"fixed": {"epochs": 2**63}}, "fixed.epochs"),
+        ({"sampler": {"name": "tpe", "options": {"n_startup_trials": HUGE}}}, "sampler.options.n_startup_trials"),
+        ({"warm_start_from": {"study": HUGE}}, "warm_start_from.study"),
+    ],
+)
+def test_integers_beyond_64_bits_are_schema_errors(
+    minilm_spec_data: SpecData, change: dict[str, Any], field: str
+) -> None:
+    fields = [f for f, _ in messages(minilm_spec_data(**change))]
+    assert any(f.startswith(field) for f in fields), fields
+
+
+@pytest.mark.parametrize(
+    ("dim", "field", "words"),
+    [
+        ({"low": 0.0, "high": 0.5, "step": 5e-324}, "search_space.dropout.step", "too fine"),
+        ({"low": 0.0, "high": 0.5, "step": 1e-7}, "search_space.dropout.step", "more than 1,000,000 points"),
+        ({"low": 0.5, "high": 0.5000000000000001}, "search_space.dropout", "too narrow"),
+        ({"low": 5e-324, "high": 0.5}, "search_space.dropout.low", "too close to 0"),
+        ({"low": -1e308, "high": 1e308}, "search_space.dropout.low", "outside the limits"),
+    ],
+)
+def test_float_ranges_that_break_sampling(
+    minilm_spec_data: SpecData, spec_data_root: Path, dim: dict[str, Any], field: str, words: str
+) -> None:
+    data = minilm_spec_data(search_space={"dropout": {"type": "float", **dim}})
+    err = invalid(data, [spec_data_root])
+    assert err.field == field and words in err.reason
+
+
+def test_a_fine_but_bounded_step_passes(minilm_spec_data: SpecData, spec_data_root: Path) -> None:
+    data = minilm_spec_data(search_space={"dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 1e-6}})
+    check_spec(StudySpec.model_validate(data), [spec_data_root])
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"description": "nul\x00byte"}, "description"),
+        ({"dataset": {"kind": "files", "train": "train.csv\x00"}}, "dataset.train"),
+        ({"dataset": {"kind": "files", "train": "train.csv", "label_column": "\x00"}}, "dataset.label_column"),
+        ({"fixed": {"optimizer": "sgd\x00"}}, "fixed.optimizer"),
+        ({"pruner": {"name": "asha", "options": {"min_resource": "auto\x00"}}}, "pruner.options.min_resource"),
+    ],
+)
+def test_nul_is_refused_in_every_string(
+    minilm_spec_data: SpecData, spec_data_root: Path, change: dict[str, Any], field: str
+) -> None:
+    err = invalid(minilm_spec_data(**change), [spec_data_root])
+    assert (err.field, "NUL" in err.reason) == (field, True)
+
+
+def test_choice_key_takes_any_integer() -> None:
+    from service.spec import choice_key
+
+    assert choice_key(HUGE) != choice_key(1.0) == choice_key(1) != choice_key(True)

@@ -83,8 +83,104 @@ SPEC_CASES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]], str, str
     ("missing name", lambda d: {k: v for k, v in d.items() if k != "name"}, "name", "required"),
 ]
 
+HUGE = 10**400  # beyond 64 bits: float() and the databases overflow on it
+DROPOUT = {"type": "float", "low": 0.0, "high": 0.5}
 
-@pytest.mark.parametrize(("change", "field", "words"), [c[1:] for c in SPEC_CASES], ids=[c[0] for c in SPEC_CASES])
+
+def _grid(d: dict[str, Any]) -> dict[str, Any]:
+    d["search_space"] = {"dropout": {**DROPOUT, "step": 5e-324}}
+    d["sampler"] = {"name": "grid"}
+    return d
+
+
+# Values that used to be stored and then broke every lease or ask of the study (issue 7).
+HOSTILE_CASES: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]], str, str]] = [
+    ("timeout 1e300", lambda d: _set(d, "budget.timeout_s", 1e300), "budget.timeout_s", "less than or equal"),
+    ("trial timeout 1e300", lambda d: _set(d, "budget.trial_timeout_s", 1e300), "budget.trial_timeout_s", "less"),
+    ("max_steps huge", lambda d: {**d, "run": {"max_steps": 10**12}}, "run.max_steps", "less than or equal"),
+    ("eval_every huge", lambda d: {**d, "run": {"eval_every_steps": HUGE}}, "run.eval_every_steps", "less"),
+    ("run seed 2**40", lambda d: {**d, "run": {"seed": 2**40}}, "run.seed", "less than or equal"),
+    ("examples huge", lambda d: {**d, "data": {"max_train_examples": HUGE}}, "data.max_train_examples", "less"),
+    (
+        "n_ei_candidates 3e6",
+        lambda d: _set(d, "sampler.options", {"n_ei_candidates": 3_000_000}),
+        "sampler.options.n_ei_candidates",
+        "in [1, 1000]",
+    ),
+    (
+        "unknown sampler option",
+        lambda d: _set(d, "sampler.options", {"prior_wieght": 1.0}),
+        "sampler.options.prior_wieght",
+        "accepted options: n_startup_trials",
+    ),
+    (
+        "percentile 150",
+        lambda d: {**d, "pruner": {"name": "percentile", "options": {"percentile": 150}}},
+        "pruner.options.percentile",
+        "in [0.0, 100.0]",
+    ),
+    (
+        "nsga2 population 10**7",
+        lambda d: _set(d, "sampler", {"name": "nsga2", "options": {"population_size": 10**7}}),
+        "sampler.options.population_size",
+        "in [2, 1000]",
+    ),
+    (
+        "float step 5e-324",
+        lambda d: _set(d, "search_space.dropout", {**DROPOUT, "step": 5e-324}),
+        "search_space.dropout.step",
+        "too fine",
+    ),
+    ("float step 5e-324 on a grid", _grid, "search_space.dropout.step", "too fine"),
+    ("int high 10**400", lambda d: _set(d, "search_space.num_layers.high", HUGE), "search_space.num_layers.high", ""),
+    ("int step 10**400", lambda d: _set(d, "search_space.num_layers.step", HUGE), "search_space.num_layers.step", ""),
+    (
+        "huge int choice",
+        lambda d: _set(d, "search_space.batch_size.choices", [16, HUGE]),
+        "search_space.batch_size.choices.1",
+        "64 bits",
+    ),
+    ("huge fixed int", lambda d: {**d, "fixed": {"epochs": HUGE}}, "fixed.epochs", "64 bits"),
+    ("huge sampler seed", lambda d: _set(d, "sampler.seed", HUGE), "sampler.seed", "less than or equal"),
+    ("negative sampler seed", lambda d: _set(d, "sampler.seed", -1), "sampler.seed", "greater than or equal"),
+    ("huge sampler option", lambda d: _set(d, "sampler.options", {"n_startup_trials": HUGE}), "sampler.options", ""),
+    (
+        "range overflowing to inf",
+        lambda d: _set(d, "search_space.dropout", {**DROPOUT, "low": -1e308, "high": 1e308}),
+        "search_space.dropout",
+        "outside the limits",
+    ),
+    (
+        "float beyond the knob",
+        lambda d: _set(d, "search_space.dropout", {**DROPOUT, "high": 5.0}),
+        "search_space.dropout.high",
+        "outside the limits",
+    ),
+    ("NUL in description", lambda d: {**d, "description": "a\x00b"}, "description", "NUL"),
+    (
+        "NUL in a path",
+        lambda d: {**d, "dataset": {"kind": "files", "train": "train\x00.csv"}},
+        "dataset.train",
+        "NUL",
+    ),
+    ("NUL in a choice", lambda d: _set(d, "fixed", {"optimizer": "adam\x00"}), "fixed.optimizer", "NUL"),
+    ("long path", lambda d: {**d, "dataset": {"kind": "files", "train": "x" * 5000}}, "dataset.train", "at most"),
+    ("n_best 10**6", lambda d: {**d, "warm_start_from": {"study": "a", "n_best": 10**6}}, "warm_start_from.n_best", ""),
+    ("huge warm start id", lambda d: {**d, "warm_start_from": {"study": HUGE}}, "warm_start_from.study", ""),
+    (
+        "long option list",
+        lambda d: _set(d, "sampler.options", {"n_startup_trials": list(range(2000))}),
+        "sampler.options.n_startup_trials",
+        "limited",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [c[1:] for c in SPEC_CASES + HOSTILE_CASES],
+    ids=[c[0] for c in SPEC_CASES + HOSTILE_CASES],
+)
 def test_bad_spec_is_422_naming_the_field(
     client: TestClient,
     user_headers: dict[str, str],
@@ -244,10 +340,20 @@ def test_bad_enqueue_names_the_configuration_and_knob(
         ({"configurations": [params(5.0)]}, "configurations.0.learning_rate", "not in"),
         ({"configurations": []}, "configurations", "at least 1"),
         ({"configs": [params(1e-4)]}, "configs", "unknown field"),
+        # beyond 64 bits: float() raised OverflowError, a 500
+        ({"configurations": [{**params(1e-4), "num_layers": HUGE}]}, "configurations.0.num_layers", "not in"),
+        ({"configurations": [params(HUGE)]}, "configurations.0.learning_rate", "a huge integer is not in"),
+        ({"configurations": [params(1e-4, bs=HUGE)]}, "configurations.0.batch_size", "not in"),
+        ({"configurations": [params(1e-4, bs=[16] * 10_000)]}, "configurations.0.batch_size", "..."),
     ]
     for body, field, words in cases:
         items = problems(client.post(url, json=body, headers=user_headers), 422)
         assert any(f == field and words in r for f, r in items), (body, items)
+    # 1e400 is valid JSON that Python reads as inf
+    text = json.dumps({"configurations": [params(1e-4)]}).replace("0.0001", "1e400")
+    headers = {**user_headers, "Content-Type": "application/json"}
+    items = problems(client.post(url, content=text, headers=headers), 422)
+    assert [f for f, _ in items] == ["configurations.0.learning_rate"], items
     assert row_counts() == before
 
 
