@@ -405,7 +405,15 @@ def enqueue(
         study = visible_study(s, principal, study_id)
         if study.status is not StudyStatus.RUNNING:
             raise Conflict(f"study {study_id} is {study.status.value}; cannot enqueue", field="study_id")
-        spec = StudySpec.model_validate(study.spec)
+        try:
+            spec = StudySpec.model_validate(study.spec)
+        except ValidationError as exc:
+            # stored before a bound was added (timeout_s: 1e300, ...): the study's state is at fault
+            field, reason = (validation_messages(exc) or [("spec", "invalid")])[0]
+            raise Conflict(
+                f"study {study_id}'s stored spec no longer validates ({field}: {reason}); cannot enqueue",
+                field="study_id",
+            ) from None
         optuna_name = study.optuna_name
 
     checked: list[dict[str, Any]] = []

@@ -405,3 +405,22 @@ def test_numbers_a_database_cannot_hold_are_422(
 ) -> None:
     [(field, _)] = problems(client.get(f"{API}{path}", headers=user_headers), 422)
     assert field in ("study_id", "number", "offset")
+
+
+def test_enqueue_into_a_study_whose_stored_spec_no_longer_validates_is_409(
+    client: TestClient, user_headers: dict[str, str], minilm_spec_data: Spec, row_counts: Counts, ctx: Any
+) -> None:
+    """A spec stored before a bound existed (timeout_s: 1e300) is the study's fault, not a 500."""
+    from sqlalchemy import update
+
+    from service.models import Study
+
+    study = create(client, user_headers, minilm_spec_data())
+    poisoned = {**minilm_spec_data(), "budget": {"n_trials": 10, "timeout_s": 1e300}}
+    with ctx.db.scope() as s:
+        s.execute(update(Study).where(Study.id == study["id"]).values(spec=poisoned))
+    before = row_counts()
+    r = client.post(f"{API}/{study['id']}/enqueue", json={"configurations": [params(1e-4)]}, headers=user_headers)
+    [(field, reason)] = problems(r, 409)
+    assert field == "study_id" and "budget.timeout_s" in reason
+    assert row_counts() == before
