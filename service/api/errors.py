@@ -7,7 +7,9 @@ Every 4xx body has the same shape, so clients read one format:
 Domain errors map by type (Invalid 422, NotFound 404, Conflict/LeaseLost 409,
 Unauthorized 401, Forbidden 403, Unavailable 503); FastAPI's request validation
 errors (including malformed JSON) become the same 422 shape; an oversized body is
-a 413; anything else is a logged 500 with a generic message.
+a 413; anything else is a logged 500 with a generic message. A 503 and a 500 never
+carry exception text (database driver messages name hosts, ports and roles): the
+log has it, the body has a fixed sentence.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ _STATUS: tuple[tuple[type[DomainError], int], ...] = (
     (Forbidden, 403),
     (Unavailable, 503),
 )
+# The only text a 503 carries (see _domain_error).
+UNAVAILABLE_REASON = "database unavailable; retry later"
 _LOC_SOURCES = {"body", "query", "path", "header", "cookie"}
 _MSG_PREFIXES = ("Value error, ", "Assertion failed, ")
 
@@ -65,7 +69,7 @@ def status_for(exc: DomainError) -> int:
     return 400
 
 
-async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
     status = status_for(exc)
     if isinstance(exc, Invalid):
@@ -78,8 +82,11 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     elif isinstance(exc, Forbidden):
         field = field or "authorization"
     elif isinstance(exc, Unavailable):
-        log.warning("unavailable: %s", exc.message)
-        reason = " ".join(reason.split())  # driver messages span lines
+        # The message may carry the driver's text (host, port, role, database names):
+        # it goes to the server log only; an unauthenticated caller (/readyz) learns
+        # nothing about the deployment.
+        log.warning("unavailable on %s %s: %s", request.method, request.url.path, " ".join(exc.message.split()))
+        field, reason = None, UNAVAILABLE_REASON
         headers = {"Retry-After": "5"}
     return problem(status, [(field, reason)], headers)
 
@@ -125,6 +132,9 @@ async def _request_validation(_request: Request, exc: Exception) -> JSONResponse
 async def _http_exception(_request: Request, exc: Exception) -> JSONResponse:
     # Starlette's own (404 for an unknown route, 405, our 413 from the body limit).
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        # FastAPI's body reader: a JSON body that is not UTF-8 is malformed JSON like any other.
+        return problem(422, [("body", f"malformed JSON: not UTF-8 text (byte {exc.__cause__.start})")])
     field = "body" if exc.status_code == 413 else None
     return problem(exc.status_code, [(field, str(exc.detail))], dict(exc.headers or {}) or None)
 

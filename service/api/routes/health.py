@@ -15,8 +15,9 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "The database cannot be reached."}})
+@router.get("/readyz", responses={503: {"description": "The database cannot be reached; retry later."}})
 def readyz(ctx: CtxDep) -> dict[str, str]:
-    """The database answers; 503 (with the reason) until it does."""
+    """The database answers; 503 until it does. The body never says why (no host, port,
+    role or driver text reaches an unauthenticated caller): the server log does."""
     ctx.db.ping()
     return {"status": "ready"}
