@@ -196,7 +196,8 @@ class Budget(_Spec):
         return self
 
 
-StudyName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")]
+# starts with a letter or digit: "." and ".." read as paths, "-x" as a CLI option
+StudyName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
 class WarmStart(_Spec):

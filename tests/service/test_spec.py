@@ -750,3 +750,8 @@ def test_choice_key_takes_any_integer() -> None:
     from service.spec import choice_key
 
     assert choice_key(HUGE) != choice_key(1.0) == choice_key(1) != choice_key(True)
+
+
+@pytest.mark.parametrize("name", [".", "..", "-rf", "_x", "a\n", "ａｂ", "a b", ""])
+def test_study_names_are_plain(minilm_spec_data: SpecData, name: str) -> None:
+    assert [f for f, _ in messages(minilm_spec_data(name=name))] == ["name"]
