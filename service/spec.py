@@ -538,6 +538,12 @@ def _check_names(spec: StudySpec) -> None:
             registry.dataset_entry(spec.dataset.name)
     except registry.UnknownName as exc:
         raise Invalid("dataset.name", str(exc)) from None
+    if spec.dataset.kind == "files":
+        # else every trial fails on open(); 'zip' and 'base64' are codecs but not text encodings
+        try:
+            "a".encode(spec.dataset.encoding)
+        except LookupError as exc:
+            raise Invalid("dataset.encoding", str(exc)) from None
 
 
 def _check_text(node: Any, where: str) -> None:

@@ -755,3 +755,10 @@ def test_choice_key_takes_any_integer() -> None:
 @pytest.mark.parametrize("name", [".", "..", "-rf", "_x", "a\n", "ａｂ", "a b", ""])
 def test_study_names_are_plain(minilm_spec_data: SpecData, name: str) -> None:
     assert [f for f, _ in messages(minilm_spec_data(name=name))] == ["name"]
+
+
+@pytest.mark.parametrize("encoding", ["klingon", "base64", "zip"])
+def test_file_encoding_must_be_a_text_encoding(spec_data_root: Path, minilm_spec_data: SpecData, encoding: str) -> None:
+    data = minilm_spec_data(dataset={"kind": "files", "train": "train.csv", "encoding": encoding})
+    err = invalid(data, [spec_data_root])
+    assert err.field == "dataset.encoding" and encoding in err.reason
