@@ -28,12 +28,14 @@ import os
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import hypothesis.strategies as st
 import pytest
 import schemathesis
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Path
+from fastapi.responses import JSONResponse
 from fuzz_helpers import SPEC, Seeded, checkpoint_tar
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from schemathesis.checks import not_a_server_error
@@ -46,10 +48,13 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from service.api.app import create_app
 from service.settings import Settings
 
 FUZZ_EXAMPLES = int(os.environ.get("TUNEFORGE_FUZZ_EXAMPLES", "25"))
 VERBOSE = bool(os.environ.get("TUNEFORGE_FUZZ_VERBOSE"))  # print every response (with -s)
+# Exploration runs only: new cases each run instead of the same ones (CI leaves it unset).
+EXPLORE = bool(os.environ.get("TUNEFORGE_FUZZ_EXPLORE"))
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -65,7 +70,7 @@ MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGAT
 def _settings() -> settings:
     return settings(
         max_examples=FUZZ_EXAMPLES,
-        derandomize=True,
+        derandomize=not EXPLORE,
         deadline=None,
         database=None,
         phases=[Phase.explicit, Phase.generate],
@@ -209,9 +214,9 @@ def _fuzz_operation(
     label = operation.label
     role = _role(operation.path)
     other = "user" if role == "worker" else "worker"
-    # Mostly the right role (the owner, sometimes the admin), sometimes the wrong one, a
-    # token nobody issued, or none (schemathesis then generates its own bearer values).
-    auth = st.sampled_from([role] * 6 + ["admin", other, "bogus", None])
+    # Mostly the right role (the owner, sometimes the admin), sometimes the wrong one,
+    # another user (bob: the seeded objects are not his), a token nobody issued, or none.
+    auth = st.sampled_from([role] * 6 + ["admin", other, "bob", "bogus", None])
     seeded_path = _seeded_path(operation, seeded)
     realistic = _realistic_bodies(seeded).get((operation.method.upper(), operation.path))
 
@@ -280,16 +285,7 @@ def _oversized(schema: Any, session: ASGIClient, token: str, limit: int, finding
                 findings.add(operation.label, f"413: {failure.title}", failure.message)
 
 
-@pytest.mark.timeout(900)
-def test_fuzz_the_whole_api(
-    app: FastAPI,
-    client: Any,  # runs the app's lifespan; the fuzz calls the app in-process
-    settings: Settings,
-    seed: Callable[[], Seeded],
-    user_token: str,
-    worker_token: str,
-    admin_token: str,
-) -> None:
+def _load_schema(app: FastAPI) -> Any:
     published = copy.deepcopy(app.openapi())
     # Tokens are ours to choose (see _fuzz_operation): without the security requirement
     # schemathesis neither generates nor strips the Authorization header. The 401/403
@@ -299,7 +295,57 @@ def test_fuzz_the_whole_api(
             op.pop("security", None)
     schema = schemathesis.openapi.from_dict(published)
     schema.app = app
-    tokens = {"user": user_token, "worker": worker_token, "admin": admin_token, "bogus": "tf_" + "0" * 40}
+    return schema
+
+
+_planted = APIRouter()
+
+
+@_planted.get("/boom/{n}")
+def _planted_bugs(n: Annotated[int, Path(ge=0, le=1000)]) -> dict[str, int]:
+    if n % 3 == 1:
+        raise RuntimeError("planted")
+    if n % 3 == 2:
+        return JSONResponse({"n": "not an int"})  # type: ignore[return-value]
+    return {"n": n}
+
+
+def test_the_harness_reports_5xx_and_schema_mismatches(settings: Settings, user_token: str) -> None:
+    """A route with planted bugs: the same machinery must report each kind, or a clean
+    run of the real API would prove nothing."""
+    planted_app = create_app(settings, routers=[_planted], lifespan_hooks=[])
+    schema = _load_schema(planted_app)
+    findings = Findings()
+    tokens = {"user": user_token, "worker": user_token, "admin": user_token, "bob": user_token, "bogus": "x"}
+    seeded = SimpleNamespace(study_id=1, done_number=0, number=0, lease_id="x")
+    try:
+        _fuzz_operation(schema["/api/v1/boom/{n}"]["GET"], tokens, seeded, ASGIClient(planted_app), findings)
+    finally:
+        planted_app.state.ctx.close()
+    titles = {title for _label, title in findings.items}
+    assert "exception RuntimeError" in titles, titles
+    assert any("schema" in title.lower() for title in titles), titles
+
+
+@pytest.mark.timeout(900)
+def test_fuzz_the_whole_api(
+    app: FastAPI,
+    client: Any,  # runs the app's lifespan; the fuzz calls the app in-process
+    settings: Settings,
+    seed: Callable[[], Seeded],
+    user_token: str,
+    worker_token: str,
+    admin_token: str,
+    other_token: str,
+) -> None:
+    schema = _load_schema(app)
+    tokens = {
+        "user": user_token,
+        "worker": worker_token,
+        "admin": admin_token,
+        "bob": other_token,
+        "bogus": "tf_" + "0" * 40,
+    }
     # Not entered as a context manager: the `client` fixture owns the app's lifespan.
     session = ASGIClient(app)
     findings = Findings()
