@@ -47,7 +47,11 @@ class ServiceContext:
                     from service.optuna_bridge import make_storage
 
                     try:
-                        self._storage = make_storage(self.settings.database_url)
+                        self._storage = make_storage(
+                            self.settings.database_url,
+                            pool_size=self.settings.db_pool_size,
+                            max_overflow=self.settings.db_max_overflow,
+                        )
                     except DBAPIError as exc:
                         raise Unavailable(f"database unavailable: {exc.orig}") from exc
         return self._storage

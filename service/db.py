@@ -30,23 +30,28 @@ T = TypeVar("T")
 _RETRY_SQLSTATES = {"40001", "40P01"}
 
 
+def engine_kwargs(url: str, *, pool_size: int, max_overflow: int) -> dict[str, Any]:
+    """`create_engine` options for our engine and Optuna's storage alike: both must ride
+    out a database restart the same way (pre-ping replaces connections the server
+    dropped) and, on SQLite, queue for the write lock instead of failing at once."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 30, "check_same_thread": False}, "pool_pre_ping": True}
+    return {"pool_size": pool_size, "max_overflow": max_overflow, "pool_pre_ping": True, "pool_recycle": 1800}
+
+
+def install_pragmas(engine: Engine) -> None:
+    """SQLite pragmas on every new connection of `engine` (a no-op on other databases)."""
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+
+
 def make_engine(settings: Settings) -> Engine:
     url = settings.database_url
-    if url.startswith("sqlite"):
-        engine = create_engine(
-            url,
-            connect_args={"timeout": 30, "check_same_thread": False},
-            pool_pre_ping=True,
-        )
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_engine(
-        url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_pre_ping=True,
-        pool_recycle=1800,
+    engine = create_engine(
+        url, **engine_kwargs(url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     )
+    install_pragmas(engine)
+    return engine
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -76,10 +81,52 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()
         self.retried = 0  # deadlocks / lock timeouts retried, for benchmarks and tests
+        # When (time.monotonic()) a contact with the database last failed for want of a
+        # connection; None if never. The scheduler pauses lease clocks across such gaps.
+        self.last_failure: float | None = None
+        self._reconnect_hooks: list[Callable[[Session], None]] = []
+        self._reconnect_pending = False
+        self._reconnect_lock = threading.Lock()
+
+    def on_reconnect(self, hook: Callable[[Session], None]) -> None:
+        """Run `hook` in its own transaction before the first unit of work after the
+        database was unreachable, and before the next unit of work from now on (whoever
+        registers it has just come up, which is an outage as far as it knows). A failed
+        hook stays pending and its error goes to the caller of that unit of work."""
+        with self._reconnect_lock:
+            self._reconnect_hooks.append(hook)
+            self._reconnect_pending = True
+
+    def _note_failure(self) -> None:
+        self.last_failure = time.monotonic()
+        if self._reconnect_hooks:
+            self._reconnect_pending = True
+
+    def _run_reconnect_hooks(self) -> None:
+        with self._reconnect_lock:
+            if not self._reconnect_pending:
+                return  # another thread ran them while this one waited
+            session = self._sessions()
+            try:
+                for hook in self._reconnect_hooks:
+                    hook(session)
+                session.commit()
+            except OperationalError as exc:
+                session.rollback()
+                self._note_failure()
+                raise Unavailable(f"database unavailable: {exc.orig}") from exc
+            except BaseException:
+                session.rollback()
+                raise
+            finally:
+                session.close()
+            self._reconnect_pending = False
 
     @contextmanager
     def scope(self) -> Iterator[Session]:
         """One transaction: commit on success, roll back on any error."""
+        if self._reconnect_pending:
+            self._run_reconnect_hooks()
         session = self._sessions()
         try:
             yield session
@@ -88,7 +135,13 @@ class Database:
             session.rollback()
             if _is_retryable(exc):
                 raise
+            self._note_failure()
             raise Unavailable(f"database unavailable: {exc.orig}") from exc
+        except DBAPIError as exc:
+            session.rollback()
+            if exc.connection_invalidated:
+                self._note_failure()
+            raise
         except BaseException:
             session.rollback()
             raise
@@ -116,6 +169,7 @@ class Database:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except DBAPIError as exc:
+            self._note_failure()
             raise Unavailable(f"database unavailable: {exc.orig}") from exc
 
     def dispose(self) -> None:

@@ -140,12 +140,24 @@ class TrialPublic(_Out):
     created_at: Timestamp
     started_at: Timestamp | None
     finished_at: Timestamp | None
-    failure_reason: str | None
+    failure_reason: str | None = Field(description="Why the current attempt failed; null unless it did.")
 
 
 class TrialsPublic(BaseModel):
     data: list[TrialPublic]
     count: int
+
+
+class AttemptPublic(BaseModel):
+    """One lease of the trial: who ran the attempt and how it ended."""
+
+    attempt: int
+    worker_id: str
+    started_at: Timestamp
+    last_step: int | None
+    outcome: str | None = Field(
+        description="null while it runs; else complete, pruned, expired (lease lost) or the failure reason."
+    )
 
 
 class TrialDetail(TrialPublic):
@@ -154,3 +166,8 @@ class TrialDetail(TrialPublic):
     failure_message: str | None
     checkpoint_step: int | None
     reports: list[Report] = Field(description="Intermediate evaluations (the learning curve), by attempt and step.")
+    attempt_history: list[AttemptPublic] = Field(
+        default_factory=list,
+        description="Every attempt, oldest first. failure_reason and failure_message describe the current "
+        "attempt only; earlier attempts' outcomes are here.",
+    )

@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session
 from service.auth import Principal
 from service.db import Database
 from service.errors import NotFound
-from service.models import Trial, TrialReport, TrialState
+from service.models import Lease, LeaseState, Trial, TrialReport, TrialState
 from service.schemas import (
     MAX_PAGE,
+    AttemptPublic,
     Report,
     SortOrder,
     TrialDetail,
@@ -67,6 +68,11 @@ def get_trial(db: Database, principal: Principal, study_id: int, number: int) ->
             .where(TrialReport.trial_id == trial.id)
             .order_by(TrialReport.attempt, TrialReport.step)
         ).all()
+        leases = s.execute(
+            select(Lease.attempt, Lease.worker_id, Lease.granted_at, Lease.last_step, Lease.state, Lease.stop_reason)
+            .where(Lease.trial_id == trial.id)
+            .order_by(Lease.attempt, Lease.granted_at)
+        ).all()
         base = TrialPublic.model_validate(trial).model_dump()
         return TrialDetail(
             **base,
@@ -75,6 +81,16 @@ def get_trial(db: Database, principal: Principal, study_id: int, number: int) ->
             failure_message=trial.failure_message,
             checkpoint_step=trial.checkpoint_step,
             reports=[Report.model_validate(r) for r in reports],
+            attempt_history=[
+                AttemptPublic(
+                    attempt=row.attempt,
+                    worker_id=row.worker_id,
+                    started_at=row.granted_at,
+                    last_step=row.last_step,
+                    outcome=None if row.state == LeaseState.ACTIVE else row.stop_reason,
+                )
+                for row in leases
+            ],
         )
 
 

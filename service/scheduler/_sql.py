@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, text, update
@@ -65,4 +65,10 @@ def timed_out(study: Any, now: datetime) -> bool:
         return False
     created = aware(study.created_at)
     assert created is not None
-    return now >= created + timedelta(seconds=float(study.timeout_s))
+    # Compared as floats: a stored 1e300 (or inf) would overflow `timedelta`; NaN never times out.
+    return (now - created).total_seconds() >= float(study.timeout_s)
+
+
+def past(start: datetime, limit_s: float, now: datetime) -> bool:
+    """More than `limit_s` seconds have gone by since `start` (safe for absurd limits)."""
+    return (now - start).total_seconds() > float(limit_s)

@@ -44,6 +44,7 @@ from service.errors import DomainError
 from service.models import Study, StudyStatus, Trial, TrialState
 from service.scheduler import sync
 from service.scheduler._sql import begin_write, lock_study, timed_out, utcnow
+from service.scheduler.quarantine import isolated
 
 if TYPE_CHECKING:
     from service.scheduler.leases import Scheduler
@@ -119,9 +120,36 @@ class Buffer:
             return
         self._stop.clear()
         for i in range(FILLERS):
-            thread = threading.Thread(target=self._loop, args=(i == 0,), name=f"tuneforge-buffer-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._threads.append(self._spawn(i))
+
+    def _spawn(self, i: int) -> threading.Thread:
+        thread = threading.Thread(target=self._supervised, args=(i == 0,), name=f"tuneforge-buffer-{i}", daemon=True)
+        thread.start()
+        return thread
+
+    def revive(self) -> int:
+        """Start again any filler thread that died (the reaper calls this every pass);
+        returns how many were restarted."""
+        if self._stop.is_set() or not self._threads:
+            return 0
+        revived = 0
+        for i, thread in enumerate(self._threads):
+            if not thread.is_alive():
+                log.error("buffer thread %s died; starting it again", thread.name)
+                self._threads[i] = self._spawn(i)
+                revived += 1
+        return revived
+
+    def _supervised(self, first: bool) -> None:
+        """The filler loop, restarted in place when something unforeseen escapes it."""
+        while not self._stop.is_set():
+            try:
+                self._loop(first)
+                return
+            except Exception:  # noqa: BLE001 - a supervisor: log and restart, never die
+                log.exception("buffer thread died; restarting it")
+                first = False
+                self._stop.wait(1.0)
 
     def stop(self) -> None:
         self._stop.set()
@@ -149,7 +177,8 @@ class Buffer:
         for study_id in ids:
             if self._stop.is_set():
                 return
-            self._sched.warm.get(study_id)
+            with isolated(self._sched, study_id, "loading the study"):
+                self._sched.warm.get(study_id)
 
     def _loop(self, first: bool) -> None:
         if first:
@@ -184,9 +213,10 @@ class Buffer:
             for st in wanting:
                 if self._stop.is_set():
                     break
-                if self.fill_one(st.study_id, blocking=False):
-                    added += 1
-                    progressed = True
+                with isolated(self._sched, st.study_id, "asking a trial"):
+                    if self.fill_one(st.study_id, blocking=False):
+                        added += 1
+                        progressed = True
             if not progressed:
                 break
         return added

@@ -47,9 +47,10 @@ from typing import TYPE_CHECKING, Any
 from optuna.exceptions import UpdateFinishedTrialError
 from sqlalchemy import Float, cast, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from service.errors import Conflict, Forbidden, Invalid, LeaseLost
+from service.errors import Conflict, DomainError, Forbidden, Invalid, LeaseLost
 from service.models import Lease, LeaseState, Study, StudyStatus, Trial, TrialReport, TrialState
 from service.scheduler import sync
 from service.scheduler._sql import (
@@ -58,11 +59,13 @@ from service.scheduler._sql import (
     guarded_update,
     is_sqlite,
     lock_study,
+    past,
     timed_out,
     utcnow,
 )
 from service.scheduler.buffer import Buffer
 from service.scheduler.checkpoints import CheckpointStore
+from service.scheduler.quarantine import isolated
 from service.scheduler.warm import WarmStudies, is_maximize
 from trainer.protocol import (
     CompleteRequest,
@@ -135,6 +138,12 @@ class Finished:
     message: str | None = None
     retry_attempt: int | None = None  # set when a retry was scheduled
     params: dict[str, Any] = field(default_factory=dict)
+    # A result that arrived after its lease expired, with its retry not started yet
+    # (`Scheduler._take_late`): the attempt it belongs to, and the retry's Optuna trial
+    # to discard. The attempt's own Optuna trial was told FAIL at expiry, so the result
+    # gets a new one (`Scheduler._sync_late`).
+    late_attempt: int | None = None
+    discard_optuna_trial_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,8 @@ class Scheduler:
         self._leases_lock = threading.Lock()
         # Retries seen without an Optuna trial by reaper passes, and when first (reaper.py).
         self.unattached_seen: dict[int, float] = {}
+        # Studies this process marked failed, and why (quarantine.py).
+        self.quarantined: dict[int, str] = {}
 
     @property
     def lease_timeout(self) -> timedelta:
@@ -198,46 +209,85 @@ class Scheduler:
         # burst mode exits. While a study has room, keep asking and claiming (another
         # lease may take the row this call asked for) up to GRANT_PATIENCE_S.
         deadline = time.monotonic() + GRANT_PATIENCE_S
+        # Studies that failed this call (an error while asking or handing out): one bad
+        # study must not keep this worker from the others' work.
+        skip: set[int] = set()
         while time.monotonic() < deadline:
-            claimed = self.db.run(lambda s: self._claim(s, req, token_id=token_id))
+            claimed = self.db.run(lambda s: self._claim(s, req, skip, token_id))
             if claimed is None:
                 return None
             if isinstance(claimed, _Claimed):
                 self.buffer.wake()
-                if claimed.optuna_trial_id in self.sampled:
-                    self.sampled.discard(claimed.optuna_trial_id)
-                else:
-                    # Maybe an enqueued configuration nobody popped yet (or a row another
-                    # process asked): make sure its Optuna trial runs with its params.
-                    sync.ensure_running(self.warm.get(claimed.study_id), claimed.optuna_trial_id)
-                message = self._grant_message(claimed)
-                self._remember(
-                    claimed.lease_id,
-                    _LeaseMeta(
-                        study_id=claimed.study_id,
-                        trial_id=claimed.trial_id,
-                        attempt=claimed.attempt,
-                        number=claimed.number,
-                        optuna_trial_id=claimed.optuna_trial_id,
-                        objectives=tuple(message.objectives),
-                        directions=tuple(claimed.directions),
-                        token_id=claimed.token_id,
-                    ),
-                )
+                message: LeaseGrant | None = None
+                with isolated(self, claimed.study_id, "handing out a lease"):
+                    message = self._hand_out(claimed)
+                if message is None:
+                    skip.add(claimed.study_id)
+                    self._take_back(claimed)
+                    continue
                 return message
             # The fairest study has no ready trial: ask one now, then claim again.
-            self.buffer.fill_one(claimed.study_id, blocking=True)
+            asked = False
+            with isolated(self, claimed.study_id, "asking a trial for a lease"):
+                self.buffer.fill_one(claimed.study_id, blocking=True)
+                asked = True
+            if not asked:
+                skip.add(claimed.study_id)
         return None
 
-    def _claim(self, s: Session, req: LeaseRequest, token_id: int | None = None) -> _Claimed | _NeedsFill | None:
+    def _hand_out(self, claimed: _Claimed) -> LeaseGrant:
+        if claimed.optuna_trial_id in self.sampled:
+            self.sampled.discard(claimed.optuna_trial_id)
+        else:
+            # Maybe an enqueued configuration nobody popped yet (or a row another
+            # process asked): make sure its Optuna trial runs with its params.
+            sync.ensure_running(self.warm.get(claimed.study_id), claimed.optuna_trial_id)
+        message = self._grant_message(claimed)
+        self._remember(
+            claimed.lease_id,
+            _LeaseMeta(
+                study_id=claimed.study_id,
+                trial_id=claimed.trial_id,
+                attempt=claimed.attempt,
+                number=claimed.number,
+                optuna_trial_id=claimed.optuna_trial_id,
+                objectives=tuple(message.objectives),
+                directions=tuple(claimed.directions),
+                token_id=claimed.token_id,
+            ),
+        )
+        return message
+
+    def _take_back(self, claimed: _Claimed) -> None:
+        """A claimed lease that could not be handed out: no worker will ever hold it. Its
+        attempt ends as preempted (retried without using up max_retries; never in a
+        study that was marked failed), rather than waiting a lease period to expire."""
+        from trainer.protocol import FailRequest, FailureReason
+
+        req = FailRequest(reason=FailureReason.PREEMPTED, message="the server could not hand this lease out")
+        try:
+            fin = self.db.run(lambda s: self._finish_tx(s, claimed.lease_id, req.reason.value, None, fail=req))
+        except (DBAPIError, DomainError) as exc:
+            log.warning("lease %s not taken back (the reaper expires it): %s", claimed.lease_id, exc)
+            return
+        with isolated(self, claimed.study_id, "taking back a lease"):
+            self.sync(fin)
+
+    def _claim(
+        self, s: Session, req: LeaseRequest, skip: set[int] | None = None, token_id: int | None = None
+    ) -> _Claimed | _NeedsFill | None:
         begin_write(s)
         now = utcnow()
         share = cast(Study.n_running, Float) / Study.max_parallel
-        candidates = s.execute(
-            select(Study.id, Study.n_trials, Study.n_started, Study.timeout_s, Study.created_at)
-            .where(Study.status == StudyStatus.RUNNING, Study.n_running < Study.max_parallel)
-            .order_by(share, Study.id)
-        ).all()
+        q = select(Study.id, Study.n_trials, Study.n_started, Study.timeout_s, Study.created_at).where(
+            # max_parallel > 0: a stored 0 would divide by zero in the ordering, failing every grant.
+            Study.status == StudyStatus.RUNNING,
+            Study.n_running < Study.max_parallel,
+            Study.max_parallel > 0,
+        )
+        if skip:
+            q = q.where(Study.id.not_in(skip))
+        candidates = s.execute(q.order_by(share, Study.id)).all()
         busy: list[int] = []
         for cand in candidates:
             if timed_out(cand, now):
@@ -308,6 +358,11 @@ class Scheduler:
                 "attempts": attempt,
                 "worker_id": req.worker_id,
                 "started_at": aware(trial.started_at) or now,
+                # The trial shows its current attempt's outcome; earlier attempts' reasons
+                # stay in tf_leases.stop_reason (the detail's attempt list).
+                "failure_reason": None,
+                "failure_message": None,
+                "failure_traceback": None,
             },
         )
         if not won:
@@ -349,6 +404,9 @@ class Scheduler:
             resume=attempt > 1 and trial.checkpoint_path is not None,
             token_id=token_id,
         )
+
+    def forget_spec(self, study_id: int) -> None:
+        self._specs.pop(study_id, None)
 
     def _spec(self, study_id: int, spec_json: dict[str, Any]) -> StudySpec:
         spec = self._specs.get(study_id)
@@ -404,7 +462,7 @@ class Scheduler:
             return HeartbeatResponse(expires_at=expires, stop=True, reason="study cancelled")
         granted = aware(row.granted_at)
         limit = row.trial_timeout_s
-        if limit is not None and granted is not None and now - granted > timedelta(seconds=limit):
+        if limit is not None and granted is not None and past(granted, limit, now):
             return HeartbeatResponse(expires_at=expires, stop=True, reason="trial timeout")
         return HeartbeatResponse(expires_at=expires)
 
@@ -507,9 +565,96 @@ class Scheduler:
             .returning(Lease.id, Lease.study_id, Lease.trial_id, Lease.attempt, Lease.granted_at, Lease.last_step)
             .execution_options(synchronize_session=False)
         ).first()
+        late: Finished | None = None
         if row is None:
-            return self._answer_finished(s, lease_id, outcome, now)
-        lease = LeaseRef(row.id, row.study_id, row.trial_id, row.attempt, aware(row.granted_at), row.last_step)
+            late_ok = (outcome == COMPLETE and values is not None) or fail is not None
+            taken = self._take_late(s, lease_id, outcome) if late_ok else None
+            if taken is None:
+                return self._answer_finished(s, lease_id, outcome, now)
+            lease, late = taken
+        else:
+            lease = LeaseRef(row.id, row.study_id, row.trial_id, row.attempt, aware(row.granted_at), row.last_step)
+        fin = self._record_outcome(s, lease, outcome, values, now, complete=complete, fail=fail)
+        if late is not None:
+            fin.late_attempt, fin.discard_optuna_trial_id = late.late_attempt, late.discard_optuna_trial_id
+            fin.params = fin.params or late.params
+        return fin
+
+    def _take_late(self, s: Session, lease_id: str, outcome: str) -> tuple[LeaseRef, Finished | None] | None:
+        """A complete or fail from a lease that is no longer live, accepted when nothing
+        has replaced its attempt yet: the lease is past its expiry but not taken back, or
+        the reaper took it back and scheduled a retry that no worker has started. The
+        worker's finished work counts; the retry is dropped. None: refuse as before.
+
+        The lease is ended with `outcome` (its `expired` stop reason no longer counts
+        against max_retries) and the trial is RUNNING on the lease's attempt again, so
+        the normal finishing path records the outcome and moves the counters.
+        """
+        lease = _lease(s, lease_id)
+        if lease is None or lease.state == LeaseState.FINISHED:
+            return None
+        if lease.stop_reason == RELEASED:
+            return None  # an admin took it back on purpose (release.py): its results no longer count
+        was_expired = lease.state == LeaseState.EXPIRED
+        row = s.execute(
+            update(Lease)
+            .where(Lease.id == lease_id, Lease.state == lease.state)
+            .values(state=LeaseState.FINISHED, stop_reason=outcome)
+            .returning(Lease.id, Lease.study_id, Lease.trial_id, Lease.attempt, Lease.granted_at, Lease.last_step)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if row is None:
+            return None  # the reaper or a repeat got there first
+        ref = LeaseRef(row.id, row.study_id, row.trial_id, row.attempt, aware(row.granted_at), row.last_step)
+        if not was_expired:
+            return ref, None  # still the trial's attempt (the reaper has not run): finish it normally
+        q = select(Trial.optuna_trial_id, Trial.number, Trial.params).where(
+            Trial.id == ref.trial_id, Trial.state == TrialState.WAITING, Trial.attempts == ref.attempt + 1
+        )
+        if not is_sqlite(s):
+            q = q.with_for_update()
+        retry = s.execute(q).first()
+        if retry is None:
+            raise _lost(lease, utcnow())  # the retry runs or the trial ended: this result is too late
+        back = guarded_update(
+            s,
+            Trial,
+            [
+                Trial.id == ref.trial_id,
+                Trial.state == TrialState.WAITING,
+                Trial.attempts == ref.attempt + 1,
+                Trial.optuna_trial_id.is_(None)
+                if retry.optuna_trial_id is None
+                else Trial.optuna_trial_id == retry.optuna_trial_id,
+            ],
+            {"state": TrialState.RUNNING, "attempts": ref.attempt, "optuna_trial_id": None},
+        )
+        if not back:
+            raise _lost(lease, utcnow())
+        # The reaper took the attempt out of n_running; the finishing path takes it out again.
+        guarded_update(s, Study, [Study.id == ref.study_id], {"n_running": Study.n_running + 1})
+        late = Finished(ref.study_id, ref.trial_id, retry.number, TrialState.RUNNING, None)
+        late.late_attempt, late.discard_optuna_trial_id = ref.attempt, retry.optuna_trial_id
+        late.params = dict(retry.params)
+        log.info(
+            "lease %s: result %r accepted after the lease expired; its retry (attempt %d) is dropped",
+            lease_id,
+            outcome,
+            ref.attempt + 1,
+        )
+        return ref, late
+
+    def _record_outcome(
+        self,
+        s: Session,
+        lease: LeaseRef,
+        outcome: str,
+        values: list[float] | None,
+        now: datetime,
+        *,
+        complete: CompleteRequest | None,
+        fail: FailRequest | None,
+    ) -> Finished:
         if outcome == COMPLETE:
             assert complete is not None and values is not None
             fin = self._end_trial(
@@ -523,6 +668,10 @@ class Scheduler:
                     "metrics": dict(complete.metrics),
                     "duration_s": complete.duration_s,
                     "last_step": complete.step,
+                    # A late result replaces the `expired` its attempt was given.
+                    "failure_reason": None,
+                    "failure_message": None,
+                    "failure_traceback": None,
                 },
                 counter="n_complete",
                 best=values[0],
@@ -691,6 +840,8 @@ class Scheduler:
 
     def sync(self, fin: Finished) -> None:
         """Apply a committed outcome to Optuna (idempotent; the reaper repairs a crash here)."""
+        if fin.late_attempt is not None:
+            self._sync_late(fin)
         need_warm = fin.optuna_trial_id is not None or fin.retry_attempt is not None
         if not need_warm:
             return
@@ -704,6 +855,40 @@ class Scheduler:
                 sync.tell_failed(warm, fin.optuna_trial_id, fin.reason or "error", fin.message)
         if fin.retry_attempt is not None:
             self.attach_retry(warm, fin.trial_id, fin.number, fin.retry_attempt, fin.optuna_trial_id, fin.params)
+
+    def _sync_late(self, fin: Finished) -> None:
+        """Optuna's side of a late result: the dropped retry's trial is discarded, and the
+        result gets a trial of its own (the attempt's first one was told FAIL at expiry,
+        and a finished Optuna trial cannot change). A crash in between leaves the retry's
+        trial RUNNING with no row holding it, which the reaper's repair sweep discards."""
+        assert fin.late_attempt is not None
+        warm = self.warm.get(fin.study_id)
+        if fin.discard_optuna_trial_id is not None:
+            self.sampled.discard(fin.discard_optuna_trial_id)
+            sync.discard(warm, fin.discard_optuna_trial_id, "not needed: the attempt before it finished after all")
+        carried = fin.state == TrialState.COMPLETE or (
+            fin.state == TrialState.FAILED and fin.reason in sync.CONSTRAINT_REASONS
+        )
+        if not carried or fin.optuna_trial_id is not None:
+            return
+        new_id = sync.create_retry(
+            warm, tf_number=fin.number, attempt=fin.late_attempt, previous_optuna_trial_id=None, params=fin.params
+        )
+        attempt = fin.late_attempt
+
+        def _link(s: Session) -> int:
+            return guarded_update(
+                s,
+                Trial,
+                [Trial.id == fin.trial_id, Trial.attempts == attempt, Trial.optuna_trial_id.is_(None)],
+                {"optuna_trial_id": new_id},
+            )
+
+        if not self.db.run(_link):
+            sync.discard(warm, new_id, "a late result's trial, linked elsewhere")
+            return
+        # The normal path below tells it the outcome.
+        fin.optuna_trial_id = new_id
 
     def attach_retry(
         self, warm: Any, trial_id: int, number: int, attempt: int, previous: int | None, params: dict[str, Any]

@@ -40,6 +40,7 @@ from service.models import Lease, LeaseState, Study, StudyStatus, Trial, TrialSt
 from service.scheduler import sync
 from service.scheduler._sql import aware, begin_write, guarded_update, lock_study, timed_out, utcnow
 from service.scheduler.leases import EXPIRED, Finished, LeaseRef, Scheduler, get_scheduler
+from service.scheduler.quarantine import isolated
 
 if TYPE_CHECKING:
     from service.context import ServiceContext
@@ -76,22 +77,23 @@ def reap_once(sched: Scheduler, *, repair_grace_s: float = 60.0) -> ReapStats:
 def _expire_leases(sched: Scheduler, stats: ReapStats) -> None:
     now = utcnow()
     with sched.db.scope() as s:
-        ids = s.scalars(
-            select(Lease.id)
+        rows = s.execute(
+            select(Lease.id, Lease.study_id)
             .where(Lease.state == LeaseState.ACTIVE, Lease.expires_at <= now)
             .order_by(Lease.expires_at)
             .limit(500)
         ).all()
-    for lease_id in ids:
-        fin = sched.db.run(lambda s, lid=lease_id: _expire(sched, s, lid))
-        if fin is None:
-            continue  # another process took it, or the holder finished just in time
-        stats.expired += 1
-        if fin.state == TrialState.WAITING:
-            stats.retried += 1
-        elif fin.state == TrialState.FAILED:
-            stats.failed += 1
-        sched.sync(fin)
+    for lease_id, study_id in rows:
+        with isolated(sched, study_id, f"expiring lease {lease_id}"):
+            fin = sched.db.run(lambda s, lid=lease_id: _expire(sched, s, lid))
+            if fin is None:
+                continue  # another process took it, or the holder finished just in time
+            stats.expired += 1
+            if fin.state == TrialState.WAITING:
+                stats.retried += 1
+            elif fin.state == TrialState.FAILED:
+                stats.failed += 1
+            sched.sync(fin)
 
 
 def _expire(sched: Scheduler, s: Session, lease_id: str) -> Finished | None:
@@ -137,25 +139,30 @@ def _wind_down_studies(sched: Scheduler, stats: ReapStats) -> None:
         ).all()
     settle = timedelta(seconds=sched.settings.lease_timeout_s)
     for row in rows:
-        if row.status == StudyStatus.RUNNING and not timed_out(row, now):
-            continue
-        finished = aware(row.finished_at)
-        if row.status != StudyStatus.RUNNING and finished is not None and now - finished < settle:
-            continue  # just cancelled or completed: let calls in flight land first
-        result = sched.db.run(lambda s, sid=row.id: _wind_down(s, sid))
-        if result is None:
-            continue
-        discards, completed, failed = result
-        stats.dropped += len(discards) - failed
-        stats.failed += failed
-        stats.completed_studies += int(completed)
-        live = [d for d in discards if d is not None]
+        with isolated(sched, row.id, "winding the study down"):
+            _wind_down_one(sched, stats, row, now, settle)
+
+
+def _wind_down_one(sched: Scheduler, stats: ReapStats, row: Any, now: datetime, settle: timedelta) -> None:
+    if row.status == StudyStatus.RUNNING and not timed_out(row, now):
+        return
+    finished = aware(row.finished_at)
+    if row.status != StudyStatus.RUNNING and finished is not None and now - finished < settle:
+        return  # just cancelled or completed: let calls in flight land first
+    result = sched.db.run(lambda s, sid=row.id: _wind_down(s, sid))
+    if result is None:
+        return
+    discards, completed, failed = result
+    stats.dropped += len(discards) - failed
+    stats.failed += failed
+    stats.completed_studies += int(completed)
+    live = [d for d in discards if d is not None]
+    for optuna_id in live:
+        sched.sampled.discard(optuna_id)
+    if live:
+        warm = sched.warm.get(row.id)
         for optuna_id in live:
-            sched.sampled.discard(optuna_id)
-        if live:
-            warm = sched.warm.get(row.id)
-            for optuna_id in live:
-                sync.discard(warm, optuna_id, "study cancelled or out of time before this trial ran")
+            sync.discard(warm, optuna_id, "study cancelled or out of time before this trial ran")
 
 
 def _wind_down(s: Session, study_id: int) -> tuple[list[int | None], bool, int] | None:
@@ -166,7 +173,9 @@ def _wind_down(s: Session, study_id: int) -> tuple[list[int | None], bool, int] 
     now = utcnow()
     if study.status == StudyStatus.RUNNING and not timed_out(study, now):
         return None
-    why = "study cancelled" if study.status == StudyStatus.CANCELLED else "study out of time"
+    why = {StudyStatus.CANCELLED: "study cancelled", StudyStatus.FAILED: "study failed"}.get(
+        study.status, "study out of time"
+    )
     discards: list[int | None] = []
     failed = 0
     waiting = s.scalars(
@@ -224,10 +233,11 @@ def _repair(sched: Scheduler, stats: ReapStats, grace_s: float) -> None:
         first_seen = seen.get(r.id)
         if first_seen is None:
             continue
-        if clock - first_seen >= grace_s and sched.attach_retry(
-            sched.warm.get(r.study_id), r.id, r.number, r.attempts, None, dict(r.params)
-        ):
-            stats.repaired += 1
+        if clock - first_seen < grace_s:
+            continue
+        with isolated(sched, r.study_id, f"attaching the retry of trial {r.number}"):
+            if sched.attach_retry(sched.warm.get(r.study_id), r.id, r.number, r.attempts, None, dict(r.params)):
+                stats.repaired += 1
     current = {r.id for r in unattached}
     for key in list(seen):
         if key not in current:
@@ -236,7 +246,8 @@ def _repair(sched: Scheduler, stats: ReapStats, grace_s: float) -> None:
         seen.setdefault(key, clock)
 
     for study_id in studies:
-        stats.repaired += _sweep_study(sched, study_id, grace_s)
+        with isolated(sched, study_id, "repairing its Optuna trials"):
+            stats.repaired += _sweep_study(sched, study_id, grace_s)
     # Studies that ended long ago need no warm state in this process.
     active = set(studies)
     for study_id in sched.warm.loaded():
@@ -280,6 +291,28 @@ def _sweep_study(sched: Scheduler, study_id: int, grace_s: float) -> int:
 # ---------------------------------------------------------------------------- background
 
 
+def pause_lease_clocks(sched: Scheduler, s: Session) -> int:
+    """Give every active lease a full lease period from now.
+
+    Runs (through `Database.on_reconnect`) before this process's first unit of work
+    after it came up and after each time it could not reach the database: a worker
+    cannot heartbeat to a server that is down or cannot write, so that time must not
+    count against its lease. Returns the leases extended.
+    """
+    fresh = utcnow() + sched.lease_timeout
+    extended = guarded_update(
+        s, Lease, [Lease.state == LeaseState.ACTIVE, Lease.expires_at < fresh], {"expires_at": fresh}
+    )
+    if extended:
+        log.info("lease clocks paused: %d active lease(s) extended to %s", extended, fresh.isoformat())
+    return extended
+
+
+# A background task that died is started again after this long (seconds), so a bug that
+# kills it at once does not spin.
+RESTART_DELAY_S = 1.0
+
+
 async def _reaper_loop(sched: Scheduler, interval_s: float) -> None:
     while True:
         try:
@@ -288,15 +321,32 @@ async def _reaper_loop(sched: Scheduler, interval_s: float) -> None:
                 log.info("reaper: %s", stats)
         except _TRANSIENT as exc:
             log.warning("reaper pass failed, retrying next pass: %s", exc)
+        # The buffer's threads are supervised from here: one that died is started again.
+        sched.buffer.revive()
         await asyncio.sleep(interval_s)
+
+
+async def _supervised_reaper(sched: Scheduler, interval_s: float) -> None:
+    """The reaper loop, started again whenever it dies of something unforeseen."""
+    while True:
+        try:
+            await _reaper_loop(sched, interval_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a supervisor: log and restart, never die
+            log.exception("the reaper loop died; restarting it in %.0f s", RESTART_DELAY_S)
+            await asyncio.sleep(RESTART_DELAY_S)
 
 
 @asynccontextmanager
 async def scheduler_lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     """Lifespan hook: the buffer thread and the reaper loop, for the app's lifetime."""
     sched = get_scheduler(ctx)
+    # Registered before the app serves: the first lease call or reaper pass of this
+    # process pauses every lease's clock for the time no server was there to hear it.
+    ctx.db.on_reconnect(lambda s: pause_lease_clocks(sched, s))
     sched.buffer.start()
-    task = asyncio.create_task(_reaper_loop(sched, ctx.settings.reaper_interval_s), name="tuneforge-reaper")
+    task = asyncio.create_task(_supervised_reaper(sched, ctx.settings.reaper_interval_s), name="tuneforge-reaper")
     try:
         yield
     finally:

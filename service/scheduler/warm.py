@@ -198,6 +198,21 @@ class WarmStudy:
         return build_trial_config(self.spec, params)
 
 
+# Sampler options whose size is paid on every ask, in memory and time, inside this
+# process: TPE with n_ei_candidates=3,000,000 takes minutes and gigabytes per ask. Far
+# above any useful value; a stored spec beyond them is refused when the study loads.
+OPTION_LIMITS: dict[str, int] = {"n_ei_candidates": 10_000, "popsize": 10_000, "population_size": 10_000}
+
+
+def check_servable(spec: StudySpec) -> None:
+    """Refuse a stored spec this process must not run (ValueError): a resource bomb that
+    a try/except around an ask cannot contain."""
+    for key, limit in OPTION_LIMITS.items():
+        value = spec.sampler.options.get(key)
+        if isinstance(value, int | float) and not value <= limit:
+            raise ValueError(f"sampler.options.{key} = {value!r} is above {limit}")
+
+
 class WarmStudies:
     """Loaded studies of this process, by tf study id. Thread-safe."""
 
@@ -246,6 +261,7 @@ class WarmStudies:
             objectives = list(row.objectives or [])
             directions = [str(d) for d in row.directions]
         spec = StudySpec.model_validate(spec_json)
+        check_servable(spec)
         # What optuna_bridge.load_optuna_study does, as an AskStudy.
         try:
             study = AskStudy(

@@ -121,9 +121,15 @@ def snapshot(ctx: ServiceContext, study_id: int) -> dict[str, Any]:
 
 
 def test_expired_lease_gets_409_and_changes_nothing(ctx: ServiceContext, sched: Scheduler, make_study) -> None:
+    from service.scheduler.reaper import reap_once
+
     study_id = make_study()
     grant = must_grant(sched)
     expire(ctx, grant.lease_id)
+    # Until its retry starts, an expired lease's complete or fail is still taken
+    # (test_outages.py); heartbeats and reports never are.
+    reap_once(sched)
+    assert must_grant(sched, "w2").trial_number == grant.trial_number
     before = snapshot(ctx, study_id)
     calls = [
         lambda: sched.heartbeat(grant.lease_id, HeartbeatRequest(step=1)),
