@@ -28,11 +28,12 @@ def app_hooks() -> list[Any]:
 @pytest.fixture
 def seed(client: TestClient, user_token: str, worker_token: str) -> Callable[[], Seeded]:
     """`seed()` makes a fresh study through the API (a new name each call), completes one
-    trial with a checkpoint and leaves a second one leased; returns their ids."""
+    trial with a checkpoint and leaves a second one leased; returns their ids.
+    `seed(cancelled=True)` cancels the study afterwards (the lease stays live)."""
     names = itertools.count()
     user, worker = bearer(user_token), bearer(worker_token)
 
-    def make() -> Seeded:
+    def make(*, cancelled: bool = False) -> Seeded:
         spec = copy.deepcopy(SPEC)
         spec["name"] = f"fuzz-{next(names)}"
         r = client.post(f"{API}/studies", json=spec, headers=user)
@@ -59,6 +60,9 @@ def seed(client: TestClient, user_token: str, worker_token: str) -> Callable[[],
         )
         assert r.status_code == 200, r.text
         live = take()
+        if cancelled:
+            r = client.post(f"{API}/studies/{study_id}/cancel", headers=user)
+            assert r.status_code == 200, r.text
         return Seeded(study_id, int(done["trial_number"]), int(live["trial_number"]), str(live["lease_id"]))
 
     return make
