@@ -9,6 +9,7 @@ at start-up and exited at shutdown, in order.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -141,7 +142,6 @@ PROBLEM_SCHEMAS: dict[str, dict[str, Any]] = {
         "additionalProperties": False,
     },
 }
-_PROBLEM_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
 _STRING_HEADER = {"schema": {"type": "string"}}
 # Default descriptions; a route's own `responses=` description is kept.
 _ERROR_DESCRIPTIONS = {
@@ -179,7 +179,7 @@ def _document_errors(schema: dict[str, Any]) -> None:
     - 409 and any other 4xx a route declares itself get the same body.
     """
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components.update(PROBLEM_SCHEMAS)
+    components.update(copy.deepcopy(PROBLEM_SCHEMAS))
     for path, item in schema.get("paths", {}).items():
         for method, op in item.items():
             if method not in _METHODS:
@@ -203,10 +203,10 @@ def _document_errors(schema: dict[str, Any]) -> None:
                 declared = responses.get(code, {})
                 response: dict[str, Any] = {
                     "description": declared.get("description") or _ERROR_DESCRIPTIONS.get(code, "Error."),
-                    "content": _PROBLEM_CONTENT,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
                 }
                 if code in _ERROR_HEADERS:
-                    response["headers"] = _ERROR_HEADERS[code]
+                    response["headers"] = copy.deepcopy(_ERROR_HEADERS[code])
                 responses[code] = response
     if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
         components.pop("HTTPValidationError", None)
