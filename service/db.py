@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import Unavailable
@@ -139,9 +140,14 @@ class Database:
             raise Unavailable(f"database unavailable: {exc.orig}") from exc
         except DBAPIError as exc:
             session.rollback()
-            if exc.connection_invalidated:
-                self._note_failure()
-            raise
+            if not (exc.connection_invalidated or isinstance(exc, InterfaceError)):
+                raise
+            # The connection broke under us (not an OperationalError on every driver).
+            self._note_failure()
+            raise Unavailable(f"database unavailable: {exc.orig}") from exc
+        except PoolTimeout as exc:
+            session.rollback()
+            raise Unavailable(f"no free database connection: {exc}") from exc
         except BaseException:
             session.rollback()
             raise
@@ -171,6 +177,8 @@ class Database:
         except DBAPIError as exc:
             self._note_failure()
             raise Unavailable(f"database unavailable: {exc.orig}") from exc
+        except PoolTimeout as exc:
+            raise Unavailable(f"no free database connection: {exc}") from exc
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -22,6 +22,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from optuna.exceptions import StorageInternalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -139,6 +142,26 @@ async def _http_exception(_request: Request, exc: Exception) -> JSONResponse:
     return problem(exc.status_code, [(field, str(exc.detail))], dict(exc.headers or {}) or None)
 
 
+def _database_outage(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what it wraps) says the database could not be reached."""
+    while exc is not None:
+        if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+            return True
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        exc = exc.__cause__
+    return False
+
+
+async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
+    # Optuna's storage (and SQLAlchemy under it) raise their own types, not our
+    # Unavailable: a dropped connection there is an outage like any other (503), and
+    # the worker's client retries it; anything else is a bug (500).
+    if _database_outage(exc):
+        return await _domain_error(request, Unavailable(f"database unavailable: {exc.__cause__ or exc}"))
+    return await _internal_error(request, exc)
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     # Registered for Exception: Starlette calls it from its outermost middleware for
     # anything no other handler took. The client learns nothing internal; the log does.
@@ -150,6 +173,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
+    for storage_error in (StorageInternalError, SQLAlchemyError):
+        app.add_exception_handler(storage_error, _storage_error)
     app.add_exception_handler(Exception, _internal_error)
 
 
