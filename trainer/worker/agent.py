@@ -55,7 +55,7 @@ from trainer.protocol import (
     finite_metrics,
 )
 from trainer.worker.archive import UnsafeArchive, pack, unpack
-from trainer.worker.slots import Slot, SlotDied, SlotOutcome, SlotSpec, TrialJob
+from trainer.worker.slots import ENV_LOCK, Slot, SlotDied, SlotOutcome, SlotSpec, TrialJob
 
 log = logging.getLogger("tuneforge.worker")
 
@@ -662,9 +662,16 @@ class _Events:
 class Agent:
     def __init__(self, options: WorkerOptions, client_factory: ClientFactory | None = None) -> None:
         self.options = options
-        self.client_factory: ClientFactory = client_factory or (
-            lambda: TuneForgeClient(options.server, token=options.token)
-        )
+        factory = client_factory or (lambda: TuneForgeClient(options.server, token=options.token))
+
+        def make_client() -> TuneForgeClient:
+            # httpx iterates os.environ (proxy settings) while building a client; a slot
+            # starting in another thread adds and removes variables meanwhile, which once
+            # killed the heartbeat thread with a KeyError.
+            with ENV_LOCK:
+                return factory()
+
+        self.client_factory: ClientFactory = make_client
         self.stopping = threading.Event()
         """Warm shutdown: no new leases; running trials checkpoint and are handed back."""
         self.cold = threading.Event()

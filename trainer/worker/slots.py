@@ -55,8 +55,9 @@ Metrics = dict[str, float]
 SPAWN = multiprocessing.get_context("spawn")
 
 # os.environ is process-global; slots started from several threads at once must not
-# see each other's CUDA_VISIBLE_DEVICES.
-_ENV_LOCK = threading.Lock()
+# see each other's CUDA_VISIBLE_DEVICES, and nothing may iterate the environment while a
+# slot start adds and removes a variable (see `Agent.client_factory`).
+ENV_LOCK = threading.Lock()
 
 # How often the child tells the agent its step (heartbeats carry it; the live view shows it).
 _STEP_EVERY_S = 1.0
@@ -175,7 +176,7 @@ class Slot:
             target=_slot_main, args=(child, self._stop, self.spec), name=f"tuneforge-slot-{self.spec.name}", daemon=True
         )
         env = self._child_env()
-        with _ENV_LOCK:
+        with ENV_LOCK:
             # The child inherits the environment at spawn time, before any import runs in it.
             saved = {name: os.environ.get(name) for name in env}
             os.environ.update(env)
