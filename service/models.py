@@ -109,6 +109,8 @@ class Study(Base):
     owner_id: Mapped[int] = mapped_column(ForeignKey("tf_users.id", name="fk_tf_studies_owner_id"))
     optuna_name: Mapped[str] = mapped_column(String(200), unique=True)
     status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus, "tf_study_status"), default=StudyStatus.RUNNING)
+    # Why a study stopped on its own (status failed): what its owner reads first.
+    status_reason: Mapped[str | None] = mapped_column(String(500))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     directions: Mapped[list[Any]] = mapped_column(JSON)
     # Metric names the study optimises, in the order of `directions` (what leases tell workers).

@@ -77,6 +77,7 @@ class StudyPublic(_Out):
     owner: str
     optuna_name: str = Field(description="The Optuna study name: `optuna.load_study(study_name=..., storage=...)`.")
     status: StudyStatus
+    status_reason: str | None = Field(None, description="Why the study stopped on its own (status failed).")
     directions: list[str]
     objectives: list[str]
     n_trials: int | None

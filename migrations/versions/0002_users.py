@@ -1,4 +1,5 @@
-"""users: ownership by user id (tf_users), leases tied to the token that took them
+"""users: ownership by user id (tf_users), leases tied to the token that took them,
+and the reason a study failed on its own (tf_studies.status_reason)
 
 Revision ID: 0002
 Revises: 0001
@@ -82,6 +83,7 @@ def upgrade() -> None:
 
     with op.batch_alter_table("tf_studies") as batch:
         batch.add_column(sa.Column("owner_id", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("status_reason", sa.String(length=500), nullable=True))
     op.execute("UPDATE tf_studies SET owner_id = (SELECT u.id FROM tf_users u WHERE u.name = tf_studies.owner)")
     with op.batch_alter_table("tf_studies") as batch:
         batch.alter_column("owner_id", existing_type=sa.Integer(), nullable=False)
@@ -109,6 +111,9 @@ def downgrade() -> None:
         batch.create_unique_constraint("uq_tf_studies_owner_name", ["owner", "name"])
         batch.drop_constraint("fk_tf_studies_owner_id", type_="foreignkey")
         batch.drop_column("owner_id")
+        batch.drop_column("status_reason")
+    # 0001's code knows no 'failed' study: the nearest state it can read.
+    op.execute("UPDATE tf_studies SET status = 'cancelled' WHERE status = 'failed'")
 
     with op.batch_alter_table("tf_tokens") as batch:
         batch.add_column(sa.Column("owner", sa.String(length=100), nullable=True))

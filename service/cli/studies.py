@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from service.cli.common import (
@@ -71,7 +72,7 @@ def submit(
 @study_app.command("list")
 @handle_errors
 def list_(
-    status: Annotated[str | None, typer.Option(help="running, completed or cancelled.")] = None,
+    status: Annotated[str | None, typer.Option(help="running, completed, cancelled or failed.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=200)] = 50,
     offset: Annotated[int, typer.Option(min=0)] = 0,
     server: ServerOpt = DEFAULT_SERVER_URL,
@@ -116,6 +117,8 @@ def show(
         best = client.best(study_id)
     objectives = ", ".join(f"{o} ({d})" for o, d in zip(study["objectives"], study["directions"], strict=False))
     console.print(f"[bold]study {study['id']} {study['name']}[/bold]  {study['status']}  owner {study['owner']}")
+    if study.get("status_reason"):
+        console.print(f"[red]{study['status']}:[/red] {escape(study['status_reason'])}")
     console.print(f"objectives: {objectives}   budget: {as_text(study['n_trials'])} trials")
     counts = Table(*STATES, title="trials")
     counts.add_row(*(str(study["counts"].get(s, 0)) for s in STATES))

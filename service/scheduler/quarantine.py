@@ -68,7 +68,7 @@ def fail_study(sched: Scheduler, study_id: int, step: str, exc: BaseException) -
     sched.warm.evict(study_id)
     sched.forget_spec(study_id)
     try:
-        optuna_name = sched.db.run(lambda s: _mark_failed(s, study_id))
+        optuna_name = sched.db.run(lambda s: _mark_failed(s, study_id, reason))
     except (DBAPIError, DomainError) as db_exc:
         # The next pass meets the study again and retries this.
         log.warning("study %s: could not mark it failed: %s", study_id, db_exc)
@@ -82,12 +82,12 @@ def fail_study(sched: Scheduler, study_id: int, step: str, exc: BaseException) -
         log.warning("study %s: failure reason not recorded in Optuna: %s", study_id, attr_exc)
 
 
-def _mark_failed(s: Session, study_id: int) -> str | None:
+def _mark_failed(s: Session, study_id: int, reason: str) -> str | None:
     won = guarded_update(
         s,
         Study,
         [Study.id == study_id, Study.status == StudyStatus.RUNNING],
-        {"status": StudyStatus.FAILED, "finished_at": utcnow()},
+        {"status": StudyStatus.FAILED, "status_reason": reason, "finished_at": utcnow()},
     )
     if not won:
         return None

@@ -129,12 +129,15 @@ def test_a_poisoned_study_cannot_stop_another_users_study(  # type: ignore[no-un
 
     # Background parts are alive, and the bad study is either harmless or marked failed.
     assert all(t.is_alive() for t in sched.buffer._threads)
-    status = client.get(f"{API}/studies/{bad}", headers=other_headers).json()["status"]
+    shown = client.get(f"{API}/studies/{bad}", headers=other_headers).json()
     if poison in ("timeout_1e300", "trial_timeout_1e300"):
-        assert status == StudyStatus.RUNNING.value  # stored values it can live with
+        assert shown["status"] == StudyStatus.RUNNING.value  # stored values it can live with
+        assert shown["status_reason"] is None
     else:
-        assert status == StudyStatus.FAILED.value
+        assert shown["status"] == StudyStatus.FAILED.value
         assert bad in sched.quarantined
+        # The owner sees why, not only the operator's log.
+        assert shown["status_reason"] == sched.quarantined[bad]
 
 
 def test_dead_buffer_threads_and_reaper_loop_are_restarted(ctx: ServiceContext, monkeypatch) -> None:  # type: ignore[no-untyped-def]
