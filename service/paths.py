@@ -33,7 +33,8 @@ def _has_kind(path: Path, kind: PathKind) -> bool:
 
 
 def _roots_text(roots: Sequence[Path]) -> str:
-    return ", ".join(str(r) for r in roots)
+    # Says how to change them: a new user's first wrong path is usually a missing root.
+    return ", ".join(str(r) for r in roots) + "; the server's TUNEFORGE_DATA_ROOTS sets them"
 
 
 def _os_reason(exc: BaseException) -> str:

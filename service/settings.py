@@ -5,6 +5,7 @@ Never instantiated at import time: `create_app(settings)` and the CLI build one.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -37,6 +38,12 @@ class Settings(BaseSettings):
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                # pydantic-settings' usual list syntax, which users reach for first
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not a JSON list of folders ({exc.msg}); or give them comma-separated") from None
             return [part for part in value.split(",") if part.strip()]
         return value
 

@@ -6,6 +6,7 @@ import pytest
 
 from service.errors import Invalid
 from service.paths import resolve_in_roots, resolve_spec_paths
+from service.settings import Settings
 from service.spec import StudySpec
 
 
@@ -73,6 +74,7 @@ def test_missing_file_names_the_path(roots: tuple[Path, Path]) -> None:
         resolve_in_roots("nope.csv", roots, "dataset.train")
     assert err.value.field == "dataset.train"
     assert "'nope.csv' does not exist in the data roots" in err.value.reason
+    assert "TUNEFORGE_DATA_ROOTS" in err.value.reason
 
 
 def test_missing_file_is_allowed_when_it_need_not_exist(roots: tuple[Path, Path]) -> None:
@@ -132,3 +134,20 @@ def test_resolve_spec_paths_keeps_names_and_resolves_builtin_folders(spec_data_r
     with pytest.raises(Invalid) as err:
         resolve_spec_paths(outside, [spec_data_root])
     assert err.value.field == "model.tokenizer"
+
+
+@pytest.mark.parametrize("raw", ["{a},{b}", '["{a}", "{b}"]', ' ["{a}","{b}"] '])
+def test_data_roots_from_the_environment_comma_separated_or_a_json_list(
+    raw: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv("TUNEFORGE_DATA_ROOTS", raw.format(a=a, b=b))
+    assert Settings(database_url="sqlite://", home=tmp_path).data_roots == [a.resolve(), b.resolve()]
+
+
+def test_a_broken_json_list_of_data_roots_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("TUNEFORGE_DATA_ROOTS", '["/data", ')
+    with pytest.raises(ValidationError, match="not a JSON list of folders"):
+        Settings(database_url="sqlite://", home=tmp_path)
