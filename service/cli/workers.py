@@ -133,6 +133,7 @@ def _study_line(study: dict[str, Any]) -> str:
         f"{study['name']} ({study['status']}): {study['n_complete']} complete, {study['n_pruned']} pruned, "
         f"{study['n_failed']} failed, {study['n_running']} running; best {objective} {as_text(best)}"
         + (f" (trial #{study['best_trial_number']})" if study.get("best_trial_number") is not None else "")
+        + (f"\n{study['status']}: {study['status_reason']}" if study.get("status_reason") else "")
     )
 
 

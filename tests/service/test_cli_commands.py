@@ -69,6 +69,22 @@ def test_submit_list_show_cancel(server: str) -> None:
     assert run("study", "list", "--status", "cancelled").stdout.count("minilm-tweets") == 1
 
 
+def test_a_failed_study_shows_why_and_watch_exits_nonzero(server: str, ctx: ServiceContext) -> None:
+    from service.scheduler import get_scheduler
+    from service.scheduler.quarantine import fail_study
+
+    assert run("study", "submit", str(EXAMPLE)).exit_code == 0
+    fail_study(get_scheduler(ctx), 1, "asking a trial", ValueError("the stored space broke"))
+
+    shown = run("study", "show", "1")
+    assert shown.exit_code == 0, shown.output
+    assert "failed: asking a trial: ValueError: the stored space broke" in shown.stdout
+    assert run("study", "list", "--status", "failed").stdout.count("minilm-tweets") == 1
+    watched = run("study", "watch", "1")
+    assert watched.exit_code == 1
+    assert "the stored space broke" in watched.stdout
+
+
 def test_bad_spec_is_one_line_and_exit_2(server: str, tmp_path: Path) -> None:
     spec = tmp_path / "bad.yaml"
     spec.write_text(EXAMPLE.read_text().replace("low: 1.0e-5", "low: 0"))
