@@ -23,8 +23,6 @@ from trainer.client import TuneForgeClient
 
 pytestmark = pytest.mark.slow
 
-SQLITE_ONLY = pytest.mark.parametrize("upgraded_db_url", ["sqlite"], indirect=True)
-
 # A long trial: 108 rows / batch 12 = 9 steps an epoch; evaluations and checkpoints every 3 steps.
 LONG = {"epochs": 12}
 
@@ -107,7 +105,6 @@ def test_burst_worker_runs_a_study_to_completion(api: TuneForgeClient, make_spec
     assert "burst (completed): 3 complete, 0 pruned, 0 failed" in watched.output
 
 
-@SQLITE_ONLY
 def test_pruning_answer_and_trial_timeout_stop_trials(api: TuneForgeClient, make_spec, run_agent) -> None:
     # The threshold pruner prunes any loss above `upper` once past its warm-up steps: the
     # report at step 3 is inside the warm-up, the one at step 6 is pruned.
@@ -138,7 +135,6 @@ def test_pruning_answer_and_trial_timeout_stop_trials(api: TuneForgeClient, make
     assert agent.ended == {"pruned": 1, "failed": 1}
 
 
-@SQLITE_ONLY
 def test_killed_slot_is_replaced_and_the_retry_resumes(
     api: TuneForgeClient, make_spec, run_agent, caplog: pytest.LogCaptureFixture, lease_timeout: float
 ) -> None:
@@ -169,7 +165,6 @@ def test_killed_slot_is_replaced_and_the_retry_resumes(
     assert reports(t0, 2)[0] == resume + 3
 
 
-@SQLITE_ONLY
 def test_killed_agent_trial_is_reaped_and_resumed_by_another_agent(
     api: TuneForgeClient, make_spec, spawn_agent, run_agent, lease_timeout: float
 ) -> None:
@@ -205,7 +200,6 @@ def test_killed_agent_trial_is_reaped_and_resumed_by_another_agent(
     assert api.get_study(study["id"])["status"] == "completed"
 
 
-@SQLITE_ONLY
 def test_sigterm_is_warm_then_cold(api: TuneForgeClient, make_spec, spawn_agent, run_agent) -> None:
     study = api.create_study(make_spec("sigterm", fixed=LONG, budget={"n_trials": 1, "max_retries": 1}))
 
@@ -249,7 +243,6 @@ def test_sigterm_is_warm_then_cold(api: TuneForgeClient, make_spec, spawn_agent,
     assert api.get_study(study["id"])["status"] == "completed"
 
 
-@SQLITE_ONLY
 def test_cancelling_a_study_stops_its_running_trial(
     api: TuneForgeClient, make_spec, run_agent, lease_timeout: float
 ) -> None:
@@ -270,7 +263,7 @@ def test_cancelling_a_study_stops_its_running_trial(
     assert t["state"] == "failed" and max(reports(t, 1)) < 9 * LONG["epochs"]
 
 
-@SQLITE_ONLY
+
 @pytest.mark.parametrize("lease_timeout", [30.0])
 def test_server_outage_keeps_the_trial_and_its_result(
     api: TuneForgeClient, make_spec, run_agent, server, caplog: pytest.LogCaptureFixture
