@@ -13,6 +13,7 @@ beyond the first (work redone), and the seconds lost beyond the outage itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -20,16 +21,18 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "trainer"), str(ROOT / "tests" / "worker")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "trainer"), str(ROOT / "tests" / "worker")]
 
 import sqlalchemy as sa  # noqa: E402
-from sqlalchemy import event  # noqa: E402
+from db_outage_helpers import DbOutage  # noqa: E402
 from trainer_test_helpers import build_tiny_bert, separable_rows, write_csv  # noqa: E402
 from worker_test_helpers import Server  # noqa: E402
 
@@ -40,20 +43,6 @@ from service.models import Role  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from trainer.client import TuneForgeClient  # noqa: E402
 from trainer.worker.agent import Agent, WorkerOptions  # noqa: E402
-
-
-class Outage:
-    def __init__(self, *engines: sa.Engine) -> None:
-        self.down = False
-        for engine in engines:
-            error = engine.dialect.dbapi.OperationalError  # type: ignore[union-attr]
-
-            def guard(*_args: Any, error: type[Exception] = error) -> None:
-                if self.down:
-                    raise error("server closed the connection unexpectedly (simulated outage)")
-
-            for name in ("do_execute", "do_execute_no_params", "do_executemany"):
-                event.listen(engine, name, guard)
 
 
 def run(tmp: Path, db_url: str, *, outage_s: float, lease_s: float, trials: int, epochs: int) -> dict[str, Any]:
@@ -97,6 +86,7 @@ def run(tmp: Path, db_url: str, *, outage_s: float, lease_s: float, trials: int,
             cache_dir=tmp / "cache",
             work_dir=tmp / "work",
             idle_poll_s=0.3,
+            slot_log_level=logging.WARNING,  # the table is the output
             burst=True,
             linger_s=3.0,
         )
@@ -110,7 +100,7 @@ def run(tmp: Path, db_url: str, *, outage_s: float, lease_s: float, trials: int,
             time.sleep(0.2)
         time.sleep(2.0)  # into the first trial
         app_ctx = server._server.config.app.state.ctx
-        outage = Outage(app_ctx.db.engine, app_ctx.storage.engine)
+        outage = DbOutage(app_ctx.db.engine, app_ctx.storage.engine)
         outage.down = True
         down_at = time.monotonic()
         time.sleep(outage_s)
@@ -139,19 +129,49 @@ def main() -> None:
     parser.add_argument("--lease", type=float, default=15.0)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--pg", help="a PostgreSQL database URL to use instead of a temporary SQLite file")
+    parser.add_argument(
+        "--pg", help="a PostgreSQL server URL: each run gets a fresh database there (default: a temporary SQLite file)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw results as JSON too")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     results = []
     for outage_s in (0.0, args.outage):
-        with tempfile.TemporaryDirectory() as tmp:
-            url = args.pg or f"sqlite:///{Path(tmp) / 'tf.db'}"
+        with tempfile.TemporaryDirectory() as tmp, _database(args.pg, Path(tmp)) as url:
             results.append(
                 run(Path(tmp), url, outage_s=outage_s, lease_s=args.lease, trials=args.trials, epochs=args.epochs)
             )
     base, hit = results
     hit["seconds_lost_beyond_outage"] = round(hit["wall_s"] - base["wall_s"] - args.outage, 1)
-    print(json.dumps({"lease_timeout_s": args.lease, "baseline": base, "with_outage": hit}, indent=2))
+    backend = "PostgreSQL" if args.pg else "SQLite"
+    print(f"{backend}, lease {args.lease:g} s, {args.trials} trials of {args.epochs} epochs")
+    print(f"{'run':<22}{'wall s':>8}{'complete':>10}{'failed':>8}{'redone':>8}{'lost s':>8}")
+    for name, r in (("no outage", base), (f"{args.outage:g} s DB outage", hit)):
+        lost = r.get("seconds_lost_beyond_outage", "-")
+        print(
+            f"{name:<22}{r['wall_s']:>8}{r['complete']:>10}{r['failed']:>8}{r['attempts_beyond_first']:>8}{lost:>8}"
+        )
+    if args.json:
+        print(json.dumps({"lease_timeout_s": args.lease, "baseline": base, "with_outage": hit}, indent=2))
+
+
+@contextlib.contextmanager
+def _database(pg_server: str | None, tmp: Path) -> Iterator[str]:
+    """A fresh database for one run: users and study names must not collide across runs."""
+    if pg_server is None:
+        yield f"sqlite:///{tmp / 'tf.db'}"
+        return
+    server = sa.engine.make_url(pg_server)
+    name = f"tf_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 if __name__ == "__main__":

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
-from sqlalchemy import event
+from db_outage_helpers import DbOutage
 from worker_test_helpers import Server, wait_for
 
 from trainer.client import TuneForgeClient
@@ -38,34 +35,6 @@ def reporting_trial(api: TuneForgeClient, study_id: int) -> dict[str, Any] | Non
         if t["state"] == "running" and reports(t, t["attempts"]):
             return t
     return None
-
-
-class DbOutage:
-    """While `down`, every statement on the given engines fails with the driver's
-    OperationalError, as on a connection the server dropped (the shared PostgreSQL
-    server itself is never stopped)."""
-
-    def __init__(self, *engines: sa.Engine) -> None:
-        self.down = False
-        for engine in engines:
-            error = engine.dialect.dbapi.OperationalError  # type: ignore[union-attr]
-            for name in ("do_execute", "do_execute_no_params", "do_executemany"):
-                event.listen(engine, name, self._guard(error))
-
-    def _guard(self, error: type[Exception]) -> Any:
-        def guard(*_args: Any) -> None:
-            if self.down:
-                raise error("server closed the connection unexpectedly (simulated outage)")
-
-        return guard
-
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        self.down = True
-        try:
-            yield
-        finally:
-            self.down = False
 
 
 @SQLITE_ONLY

@@ -9,15 +9,13 @@ SQLite and PostgreSQL alike, until the outage ends.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import optuna
 import pytest
 import sqlalchemy as sa
+from db_outage_helpers import DbOutage
 from sched_test_helpers import expire, must_grant, optuna_trials, req, trial_row
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from service import trials
 from service.context import ServiceContext
@@ -33,33 +31,6 @@ PG_ONLY = pytest.mark.parametrize("upgraded_db_url", ["postgresql"], indirect=Tr
 
 def done(acc: float) -> CompleteRequest:
     return CompleteRequest(metrics={"accuracy": acc}, step=5, duration_s=2.0)
-
-
-class DbOutage:
-    """While `down`, every statement on the given engines fails with the driver's
-    OperationalError, as on a connection the server dropped."""
-
-    def __init__(self, *engines: sa.Engine) -> None:
-        self.down = False
-        for engine in engines:
-            error = engine.dialect.dbapi.OperationalError  # type: ignore[union-attr]
-            for name in ("do_execute", "do_execute_no_params", "do_executemany"):
-                event.listen(engine, name, self._guard(error))
-
-    def _guard(self, error: type[Exception]) -> Any:
-        def guard(*_args: Any) -> None:
-            if self.down:
-                raise error("server closed the connection unexpectedly (simulated outage)")
-
-        return guard
-
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        self.down = True
-        try:
-            yield
-        finally:
-            self.down = False
 
 
 def _terminate_backends(ctx: ServiceContext) -> None:
