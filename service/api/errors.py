@@ -132,12 +132,23 @@ async def _request_validation(_request: Request, exc: Exception) -> JSONResponse
     return problem(422, validation_items(exc.errors()))
 
 
+def _unparsable(cause: BaseException) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "a number has too many digits"  # Python refuses int strings over 4300 digits
+    return "cannot be read as JSON"
+
+
 async def _http_exception(_request: Request, exc: Exception) -> JSONResponse:
     # Starlette's own (404 for an unknown route, 405, our 413 from the body limit).
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-        # FastAPI's body reader: a JSON body that is not UTF-8 is malformed JSON like any other.
-        return problem(422, [("body", f"malformed JSON: not UTF-8 text (byte {exc.__cause__.start})")])
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI's body reader failed below JSON syntax: the body is malformed JSON like
+        # any other (422 naming the body), and the client learns which limit it broke.
+        return problem(422, [("body", f"malformed JSON: {_unparsable(exc.__cause__)}")])
     field = "body" if exc.status_code == 413 else None
     return problem(exc.status_code, [(field, str(exc.detail))], dict(exc.headers or {}) or None)
 

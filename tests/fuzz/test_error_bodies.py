@@ -72,6 +72,22 @@ def test_a_json_body_that_is_not_utf8_is_a_422(client: TestClient, worker_header
     assert item["field"] == "body" and item["reason"].startswith("malformed JSON")
 
 
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"worker_id": ' + b"9" * 5000 + b"}", "a number has too many digits"),
+    ],
+)
+@pytest.mark.parametrize("route", ["/api/v1/leases", "/api/v1/studies"])
+def test_json_bodies_python_cannot_parse_are_a_422_naming_the_limit(
+    client: TestClient, admin_headers: dict[str, str], route: str, body: bytes, why: str
+) -> None:
+    r = client.post(route, content=body, headers={**admin_headers, "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == [{"field": "body", "reason": f"malformed JSON: {why}"}]
+
+
 def _operations(schema: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     return [(path, method, op) for path, item in schema["paths"].items() for method, op in item.items()]
 
