@@ -4,6 +4,17 @@ and the CLI to one-line messages, so neither side needs the other's types."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+# A field path names user input (an unknown key can be any size): each step is cut to
+# this, so an error never echoes a megabyte key back.
+MAX_FIELD_STEP = 100
+
+
+def dotted(parts: Sequence[Any]) -> str:
+    """('search_space', 'lr', 'low') -> 'search_space.lr.low', long steps shortened."""
+    steps = (str(p) for p in parts)
+    return ".".join(s if len(s) <= MAX_FIELD_STEP else s[: MAX_FIELD_STEP - 1] + "…" for s in steps)
 
 
 class DomainError(Exception):

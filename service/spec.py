@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.errors import Invalid
+from service.errors import Invalid, dotted
 from service.paths import resolve_spec_paths
 from trainer import registry
 from trainer.config import (
@@ -394,7 +394,7 @@ def validation_messages(
         extra, reason = _reason(error, owner, end)
         if extra:
             path.append(extra)
-        item = (".".join(str(p) for p in path) or "spec", reason)
+        item = (dotted(path) or "spec", reason)
         if item not in messages:
             messages.append(item)
     return messages

@@ -36,6 +36,7 @@ from service.errors import (
     NotFound,
     Unauthorized,
     Unavailable,
+    dotted,
 )
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,20 @@ _MSG_PREFIXES = ("Value error, ", "Assertion failed, ")
 def problem(
     status: int, items: Sequence[tuple[str | None, str]], headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(
-        {"detail": [{"field": field, "reason": reason} for field, reason in items]},
-        status_code=status,
-        headers=headers,
-    )
+    # Fields and reasons quote user input (keys, values); neither may echo a huge one back.
+    detail = [
+        {"field": None if field is None else dotted(field.split(".")), "reason": _cut(reason, MAX_REASON)}
+        for field, reason in items[:MAX_ITEMS]
+    ]
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+MAX_REASON = 2000
+MAX_ITEMS = 50
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def status_for(exc: DomainError) -> int:
@@ -101,7 +111,7 @@ def dotted_field(loc: Sequence[str | int]) -> str:
         source = str(parts.pop(0))
         if not parts:
             return source
-    return ".".join(str(p) for p in parts)
+    return dotted(parts)
 
 
 def validation_items(errors: Sequence[Any]) -> list[tuple[str | None, str]]:

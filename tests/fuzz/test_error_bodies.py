@@ -128,3 +128,21 @@ def test_openapi_documents_the_error_body_everywhere(client: TestClient) -> None
     tar = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
     assert paths["/api/v1/leases/{lease_id}/checkpoint"]["get"]["responses"]["200"]["content"] == tar
     assert paths["/api/v1/studies/{study_id}/trials/{number}/checkpoint"]["get"]["responses"]["200"]["content"] == tar
+
+
+def test_errors_never_echo_a_huge_key_or_value_back(client: TestClient, user_headers: dict[str, str]) -> None:
+    big = "k" * 300_000
+    spec = {
+        "name": "echo",
+        "model": {"kind": "builtin"},
+        "dataset": {"kind": "files", "train": "a.csv"},
+        "objective": {"metric": "accuracy"},
+        "budget": {"n_trials": 1},
+        "search_space": {big: {"type": "int", "low": 1, "high": 2}},
+    }
+    r = client.post("/api/v1/studies", json=spec, headers=user_headers)
+    assert r.status_code == 422
+    assert len(r.content) < 5_000
+    [item] = r.json()["detail"]
+    assert item["field"].startswith("search_space.kkk") and item["field"].endswith("…")
+    assert item["reason"].startswith("unknown knob 'kkk")
