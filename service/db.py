@@ -107,20 +107,9 @@ class Database:
         with self._reconnect_lock:
             if not self._reconnect_pending:
                 return  # another thread ran them while this one waited
-            session = self._sessions()
-            try:
+            with self._transaction() as session:
                 for hook in self._reconnect_hooks:
                     hook(session)
-                session.commit()
-            except OperationalError as exc:
-                session.rollback()
-                self._note_failure()
-                raise Unavailable(f"database unavailable: {exc.orig}") from exc
-            except BaseException:
-                session.rollback()
-                raise
-            finally:
-                session.close()
             self._reconnect_pending = False
 
     @contextmanager
@@ -128,6 +117,12 @@ class Database:
         """One transaction: commit on success, roll back on any error."""
         if self._reconnect_pending:
             self._run_reconnect_hooks()
+        with self._transaction() as session:
+            yield session
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        """A session committed at the end; database errors become domain errors."""
         session = self._sessions()
         try:
             yield session
