@@ -191,8 +191,6 @@ class Scheduler:
         self._leases_lock = threading.Lock()
         # Retries seen without an Optuna trial by reaper passes, and when first (reaper.py).
         self.unattached_seen: dict[int, float] = {}
-        # Studies this process marked failed, and why (quarantine.py).
-        self.quarantined: dict[int, str] = {}
 
     @property
     def lease_timeout(self) -> timedelta:

@@ -64,7 +64,6 @@ def fail_study(sched: Scheduler, study_id: int, step: str, exc: BaseException) -
     # A refused stored value reads like a submission error; anything else names its type.
     reason = (f"{step}: {exc}" if isinstance(exc, Invalid) else f"{step}: {type(exc).__name__}: {exc}")[:500]
     log.error("study %s failed: %s", study_id, reason, exc_info=exc)
-    sched.quarantined[study_id] = reason
     # Its warm state and parsed spec may be what failed: nothing of it stays loaded.
     sched.warm.evict(study_id)
     sched.forget_spec(study_id)
